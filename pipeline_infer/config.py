@@ -1,0 +1,108 @@
+"""EngineConfig: every engine option, its default, and its validation.
+
+Option names follow SGLang's ServerArgs where the concept is the same, so a user's
+`sgl.Engine(model_path=..., page_size=16, ...)` call carries over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_SCHEDULE_POLICIES = ("fcfs", "lpm", "batch")
+_ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass
+class EngineConfig:
+    model_path: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    tokenizer_path: str | None = None
+    revision: str | None = None
+    load_format: str = "auto"  # "dummy": random weights from config.json alone
+    dtype: str = "auto"  # bf16 on CUDA, fp32 on the CPU
+    device: str = "auto"
+    trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
+    context_length: int | None = None  # default: the model's max_position_embeddings
+
+    # KV cache and batching
+    page_size: int = 1
+    max_total_tokens: int | None = None  # KV capacity in tokens; default from memory
+    mem_fraction_static: float = 0.85  # CUDA: fraction of free memory for weights + KV
+    max_running_requests: int | None = None
+    chunked_prefill_size: int = 8192  # prefill tokens per step across requests
+    schedule_policy: str = "fcfs"
+    schedule_conservativeness: float = 1.0  # scales the decode reserve at admission
+    disable_radix_cache: bool = False
+
+    # kernels and runner
+    attention_backend: str | None = None  # None: the fastest available on the device
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256
+
+    # outputs
+    incremental_streaming_output: bool = False
+    stream_interval: int = 1
+    enable_return_hidden_states: bool = False
+    random_seed: int | None = None
+    log_level: str = "error"
+
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_kwargs(cls, model_path: str | None = None, **options: Any) -> "EngineConfig":
+        valid = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        for key in options:
+            if key not in valid:
+                near = difflib.get_close_matches(key, valid, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise TypeError(f"unknown Engine option {key!r}{hint} (valid options: {', '.join(valid)})")
+        cfg = cls(model_path=model_path, **options)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.trust_remote_code:
+            raise ValueError(
+                "trust_remote_code=True is not supported: pipeline-infer runs only its built-in model "
+                "implementations (Llama, Mistral, Qwen2, Qwen3) and never executes code shipped with a checkpoint"
+            )
+        _check_choice("load_format", self.load_format, _LOAD_FORMATS)
+        _check_choice("dtype", self.dtype, _DTYPES)
+        _check_choice("schedule_policy", self.schedule_policy, _SCHEDULE_POLICIES)
+        _check_choice("log_level", self.log_level.lower(), _LOG_LEVELS)
+        if self.attention_backend is not None:
+            _check_choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _check_int("page_size", self.page_size, low=1)
+        _check_int("chunked_prefill_size", self.chunked_prefill_size, low=1)
+        _check_int("stream_interval", self.stream_interval, low=1)
+        _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, low=1)
+        for name in ("max_total_tokens", "max_running_requests", "context_length"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, low=1)
+        if not (0.0 < self.mem_fraction_static < 1.0):
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if not (self.schedule_conservativeness > 0):
+            raise ValueError(f"schedule_conservativeness must be > 0, got {self.schedule_conservativeness}")
+        if self.random_seed is not None:
+            _check_int("random_seed", self.random_seed, low=0)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")

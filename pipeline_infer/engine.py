@@ -1,0 +1,405 @@
+"""Engine: the public offline API (SGLang's Engine), front ends only.
+
+generate / async_generate, each streaming or not, turn user input into validated
+Requests, hand them to the EngineCore thread, and assemble its per-token callbacks into
+result dicts. No scheduling logic lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Iterator
+
+from pipeline_infer.config import EngineConfig
+from pipeline_infer.request import Request
+from pipeline_infer.sampling_params import SamplingParams
+
+logger = logging.getLogger("pipeline_infer")
+
+
+class Engine:
+    """Offline inference engine.
+
+    >>> llm = Engine()                       # the bundled SmolLM2-135M-Instruct on the CPU
+    >>> llm.generate("The capital of France is", {"max_new_tokens": 8})["text"]
+    """
+
+    def __init__(self, model_path: str | None = None, **options: Any):
+        self.config = EngineConfig.from_kwargs(model_path, **options)
+        _configure_logging(self.config.log_level)
+        from pipeline_infer.engine_setup import build_engine_parts
+
+        parts = build_engine_parts(self.config)
+        self.tokenizer = parts.tokenizer
+        self.hf_config = parts.hf_config
+        self.model_dir = parts.model_dir
+        self.device = parts.device
+        self.dtype = parts.dtype
+        self.context_length = parts.context_length
+        self.vocab_size = parts.vocab_size
+        self.eos_token_ids = frozenset(parts.eos_token_ids)
+        self.attention_backend = parts.attention_backend
+        self._runner = parts.runner
+        self._scheduler = parts.scheduler
+        self._prefix_cache = parts.prefix_cache
+        self._core = parts.core
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the engine thread, abort what is in flight, and free the model and KV cache."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._core.stop()
+        self._runner.release()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Engine has been shut down; create a new Engine to generate again")
+        if not self._core.alive:
+            raise RuntimeError("the engine thread has stopped; create a new Engine")
+
+    # --- information and cache -----------------------------------------------------------
+    def get_server_info(self) -> dict[str, Any]:
+        self._check_alive()
+        cfg = dataclasses.asdict(self.config)
+        cfg.pop("extra", None)
+
+        def stats() -> dict[str, Any]:
+            s = self._scheduler
+            return {
+                "num_waiting": len(s.waiting),
+                "num_running": len(s.running),
+                "num_free_pages": s.allocator.num_free,
+                "num_retractions": s.num_retractions,
+                "num_steps": self._core.num_steps,
+                "num_generated_tokens": self._core.num_generated_tokens,
+                "new_token_ratio": s.new_token_ratio,
+            }
+
+        return {
+            **cfg,
+            "model_dir": self.model_dir,
+            "architecture": (self.hf_config.architectures or ["?"])[0],
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attention_backend": self.attention_backend,
+            "context_length": self.context_length,
+            "max_total_tokens": self._runner.capacity_tokens,
+            "max_running_requests": self._scheduler.max_running_requests,
+            "version": _version(),
+            **self._core.call(stats),
+        }
+
+    def flush_cache(self) -> None:
+        """Empty the prefix cache. Refused (RuntimeError) while requests are in flight."""
+        self._check_alive()
+
+        def flush() -> None:
+            s = self._scheduler
+            if s.waiting or s.running:
+                raise RuntimeError(
+                    f"flush_cache refused: {len(s.running)} running and {len(s.waiting)} waiting "
+                    "requests still use the cache; call it when the engine is idle"
+                )
+            if self._prefix_cache is not None:
+                self._prefix_cache.reset()
+
+        self._core.call(flush)
+
+    # --- generation ---------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | SamplingParams | list | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int = 0,
+        return_hidden_states: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """One dict for one prompt, a list for a list, an iterator of chunks with stream=True."""
+        self._check_alive()
+        _check_unsupported(return_logprob, top_logprobs_num, return_hidden_states, logprob_start_len)
+        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid)
+        collector = _SyncCollector(self, reqs)
+        if stream:
+            return collector.stream(single)
+        return collector.wait(single)
+
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | SamplingParams | list | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int = 0,
+        return_hidden_states: bool = False,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | AsyncIterator[dict]:
+        """Awaitable generate; with stream=True it returns an async iterator of chunks."""
+        self._check_alive()
+        _check_unsupported(return_logprob, top_logprobs_num, return_hidden_states, logprob_start_len)
+        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid)
+        collector = _AsyncCollector(self, reqs)
+        if stream:
+            return collector.stream(single)
+        return await collector.wait(single)
+
+    # --- input handling -------------------------------------------------------------------
+    def _make_requests(self, prompt, sampling_params, input_ids, rid) -> tuple[list[Request], bool]:
+        from pipeline_infer.engine_inputs import normalize_inputs
+
+        prompts_ids, params, single = normalize_inputs(self, prompt, sampling_params, input_ids)
+        rids = _request_ids(rid, len(prompts_ids))
+        reqs: list[Request] = []
+        for i, (ids, p) in enumerate(zip(prompts_ids, params)):
+            for j in range(p.n):
+                seed = p.sampling_seed
+                if seed is not None and j > 0:
+                    seed = (seed * 1_000_003 + j) % (1 << 62)  # distinct, reproducible samples
+                reqs.append(
+                    Request(
+                        rid=rids[i] if p.n == 1 else f"{rids[i]}-{j}",
+                        prompt_ids=ids,
+                        params=p,
+                        eos_token_ids=self.eos_token_ids,
+                        context_length=self.context_length,
+                        seed=seed,
+                        detokenizer=self._detokenizer(p),
+                    )
+                )
+        single = single and len(reqs) == 1
+        return reqs, single
+
+    def _detokenizer(self, p: SamplingParams):
+        if self.tokenizer is None:
+            return None
+        from pipeline_infer.tokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(
+            self.tokenizer,
+            skip_special_tokens=p.skip_special_tokens,
+            spaces_between_special_tokens=p.spaces_between_special_tokens,
+            stop=p.stop or [],
+            stop_regex=p.stop_regex,
+            no_stop_trim=p.no_stop_trim,
+        )
+
+
+# --- output assembly -------------------------------------------------------------------------
+
+
+def _meta_info(req: Request, n_out: int, finished: bool) -> dict[str, Any]:
+    end = req.finish_time if finished and req.finish_time else time.perf_counter()
+    return {
+        "id": req.rid,
+        "prompt_tokens": req.prompt_len,
+        "completion_tokens": n_out,
+        "cached_tokens": req.cached_tokens,
+        "finish_reason": req.finish_reason.to_dict() if finished and req.finish_reason else None,
+        "e2e_latency": end - req.arrival_time,
+    }
+
+
+class _Snapshot:
+    """What a request looked like at one callback, taken on the engine thread."""
+
+    __slots__ = ("index", "text", "n_out", "finished")
+
+    def __init__(self, index: int, req: Request, finished: bool):
+        self.index = index
+        self.text = req.output_text
+        self.n_out = len(req.output_ids)
+        self.finished = finished
+
+
+class _CollectorBase:
+    def __init__(self, engine: Engine, reqs: list[Request]):
+        self.engine = engine
+        self.reqs = reqs
+        self.incremental = engine.config.incremental_streaming_output
+        self.interval = engine.config.stream_interval
+        self._sent_text = [0] * len(reqs)
+        self._sent_ids = [0] * len(reqs)
+        self.done = [False] * len(reqs)
+
+    def final(self, i: int) -> dict[str, Any]:
+        req = self.reqs[i]
+        return {
+            "text": req.output_text,
+            "output_ids": list(req.output_ids),
+            "meta_info": _meta_info(req, len(req.output_ids), True),
+        }
+
+    def chunk(self, snap: _Snapshot, with_index: bool) -> dict[str, Any] | None:
+        """A stream chunk, or None when stream_interval says to skip this token."""
+        i, req = snap.index, self.reqs[snap.index]
+        if not snap.finished and snap.n_out % self.interval != 0:
+            return None
+        text = req.output_text if snap.finished else snap.text
+        n_out = len(req.output_ids) if snap.finished else snap.n_out
+        if self.incremental:
+            out = {"text": text[self._sent_text[i] :], "output_ids": req.output_ids[self._sent_ids[i] : n_out]}
+        else:
+            out = {"text": text, "output_ids": req.output_ids[:n_out]}
+        self._sent_text[i], self._sent_ids[i] = len(text), n_out
+        out["meta_info"] = _meta_info(req, n_out, snap.finished)
+        if with_index:
+            out["index"] = i
+        return out
+
+    def abort_unfinished(self) -> None:
+        rids = [r.rid for r, d in zip(self.reqs, self.done) if not d]
+        if rids and not self.engine._closed:
+            self.engine._core.abort(rids)
+
+    @staticmethod
+    def shape(results: list[dict], single: bool) -> dict | list[dict]:
+        return results[0] if single else results
+
+
+class _SyncCollector(_CollectorBase):
+    def __init__(self, engine: Engine, reqs: list[Request]):
+        super().__init__(engine, reqs)
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        for i, req in enumerate(reqs):
+            req.on_output = lambda r, fin, i=i: self.q.put(_Snapshot(i, r, fin))
+
+    def _events(self) -> Iterator[_Snapshot]:
+        remaining = len(self.reqs)
+        while remaining:
+            snap = self.q.get()
+            if snap.finished:
+                if self.done[snap.index]:
+                    continue
+                self.done[snap.index] = True
+                remaining -= 1
+            yield snap
+
+    def wait(self, single: bool) -> dict | list[dict]:
+        self.engine._core.submit(self.reqs)
+        try:
+            for _ in self._events():
+                pass
+        finally:
+            self.abort_unfinished()
+        return self.shape([self.final(i) for i in range(len(self.reqs))], single)
+
+    def stream(self, single: bool) -> Iterator[dict]:
+        def gen() -> Iterator[dict]:
+            self.engine._core.submit(self.reqs)
+            try:
+                for snap in self._events():
+                    out = self.chunk(snap, with_index=not single)
+                    if out is not None:
+                        yield out
+            finally:  # the caller stopped iterating: free the requests' pages now
+                self.abort_unfinished()
+
+        return gen()
+
+
+class _AsyncCollector(_CollectorBase):
+    def _attach(self) -> asyncio.Queue:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        for i, req in enumerate(self.reqs):
+            req.on_output = lambda r, fin, i=i: loop.call_soon_threadsafe(q.put_nowait, _Snapshot(i, r, fin))
+        self.engine._core.submit(self.reqs)
+        return q
+
+    async def _events(self, q: asyncio.Queue) -> AsyncIterator[_Snapshot]:
+        remaining = len(self.reqs)
+        while remaining:
+            snap = await q.get()
+            if snap.finished:
+                if self.done[snap.index]:
+                    continue
+                self.done[snap.index] = True
+                remaining -= 1
+            yield snap
+
+    async def wait(self, single: bool) -> dict | list[dict]:
+        q = self._attach()
+        try:
+            async for _ in self._events(q):
+                pass
+        finally:  # also on cancellation: abort and free pages
+            self.abort_unfinished()
+        return self.shape([self.final(i) for i in range(len(self.reqs))], single)
+
+    def stream(self, single: bool) -> AsyncIterator[dict]:
+        async def gen() -> AsyncIterator[dict]:
+            q = self._attach()
+            try:
+                async for snap in self._events(q):
+                    out = self.chunk(snap, with_index=not single)
+                    if out is not None:
+                        yield out
+            finally:
+                self.abort_unfinished()
+
+        return gen()
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _check_unsupported(return_logprob, top_logprobs_num, return_hidden_states, logprob_start_len) -> None:
+    if return_logprob or top_logprobs_num or logprob_start_len is not None:
+        raise NotImplementedError("return_logprob / top_logprobs_num / logprob_start_len are not supported yet")
+    if return_hidden_states:
+        raise NotImplementedError("return_hidden_states is not supported yet")
+
+
+def _request_ids(rid, n: int) -> list[str]:
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(n)]
+    rids = [rid] if isinstance(rid, str) else list(rid)
+    if len(rids) != n or not all(isinstance(r, str) for r in rids):
+        raise ValueError(f"rid must be a str per prompt ({n} prompts), got {rid!r}")
+    return rids
+
+
+def _configure_logging(level: str) -> None:
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pipeline-infer")
+    except Exception:
+        return "unknown"

@@ -1,0 +1,133 @@
+"""EngineCore: the thread that owns the scheduler and the model runner.
+
+Front ends (sync, async, streaming) talk to it only through `submit`, `abort` and `call`,
+which enqueue messages; the loop drains them between steps, so scheduler state is only
+ever touched from this one thread. Outputs go back through each request's `on_output`
+callback, called on this thread: callbacks must be quick and thread-safe (they put into
+a queue or schedule onto an event loop).
+
+Because the loop runs on its own thread, the sync API needs no event loop at all and
+works inside a running asyncio loop (Jupyter) without nest_asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import traceback
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from pipeline_infer.request import FinishReason, Request
+from pipeline_infer.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner):
+        self.scheduler = scheduler
+        self.runner = runner
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self._thread = threading.Thread(target=self._loop, name="pipeline-infer-engine", daemon=True)
+        self._thread.start()
+
+    # --- called from any thread --------------------------------------------------------
+    def submit(self, reqs: list[Request]) -> None:
+        self._inbox.put(("add", reqs))
+
+    def abort(self, rids: list[str]) -> None:
+        self._inbox.put(("abort", rids))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread between steps and return its result (or raise its error)."""
+        fut: Future = Future()
+        self._inbox.put(("call", (fn, fut)))
+        return fut.result()
+
+    def stop(self) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=60)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # --- the loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            # Block for messages only when there is nothing to run.
+            block = not self.scheduler.has_work
+            if not self._drain(block):
+                break
+            batch = self.scheduler.schedule()
+            if batch is None:
+                continue
+            try:
+                tokens = self.runner.run(batch)
+            except Exception as exc:  # a failed step fails its requests, not the engine
+                logger.error("step failed: %s", traceback.format_exc())
+                self._fail(batch, exc)
+                continue
+            self.num_steps += 1
+            for req in self.scheduler.commit(batch, tokens):
+                self.num_generated_tokens += 1
+                self._emit(req)
+        self._shutdown_requests()
+
+    def _drain(self, block: bool) -> bool:
+        """Handle queued messages; False once asked to stop."""
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "add":
+                for req in payload:
+                    if req.params.max_new_tokens == 0:  # nothing to generate: done at once
+                        req.finish(FinishReason("length", None))
+                        self._emit(req)
+                    else:
+                        self.scheduler.add(req)
+            elif kind == "abort":
+                for rid in payload:
+                    req = self.scheduler.abort(rid)
+                    if req is not None:
+                        self._emit(req)
+            elif kind == "call":
+                fn, fut = payload
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+            elif kind == "stop":
+                return False
+
+    def _emit(self, req: Request) -> None:
+        if req.on_output is not None:
+            try:
+                req.on_output(req, req.is_finished)
+            except Exception:  # a broken consumer must not take the engine down
+                logger.error("output callback failed: %s", traceback.format_exc())
+
+    def _fail(self, batch, exc: Exception) -> None:
+        seen = set()
+        for chunk in batch.chunks:
+            req = chunk.req
+            if id(req) in seen or req.is_finished:
+                continue
+            seen.add(id(req))
+            self.scheduler.abort(req.rid)
+            req.finish_reason = FinishReason("abort", None, f"engine error: {type(exc).__name__}: {exc}")
+            self._emit(req)
+
+    def _shutdown_requests(self) -> None:
+        for req in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self.scheduler.abort(req.rid)
+            req.finish_reason = FinishReason("abort", None, "engine shut down")
+            self._emit(req)

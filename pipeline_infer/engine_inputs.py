@@ -1,0 +1,96 @@
+"""Turn generate()'s arguments into token-id lists and validated SamplingParams.
+
+Every user mistake becomes a ValueError/TypeError naming the bad value and what is
+allowed, raised before anything reaches the engine thread, so the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipeline_infer.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pipeline_infer.engine import Engine
+
+
+def normalize_inputs(
+    engine: "Engine", prompt: Any, sampling_params: Any, input_ids: Any
+) -> tuple[list[list[int]], list[SamplingParams], bool]:
+    """(token ids per prompt, params per prompt, whether the call was for a single prompt)."""
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("pass exactly one of prompt (text) and input_ids (token ids)")
+    if prompt is not None:
+        texts, single = _texts(prompt)
+        if engine.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (skip_tokenizer_init or a model without one): pass input_ids")
+        ids = engine.tokenizer.encode(texts)
+    else:
+        ids, single = _id_lists(input_ids)
+    params = _params(sampling_params, len(ids))
+    for i, (seq, p) in enumerate(zip(ids, params)):
+        where = "" if single else f" (prompt {i})"
+        if len(seq) == 0:
+            raise ValueError(f"empty prompt{where}: a prompt needs at least one token")
+        bad = next((t for t in seq if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad}{where} is outside the vocabulary [0, {engine.vocab_size})")
+        if len(seq) >= engine.context_length:
+            raise ValueError(
+                f"prompt{where} has {len(seq)} tokens; the context length is {engine.context_length}, "
+                "so a prompt may have at most context_length - 1 tokens"
+            )
+        p.validate(vocab_size=engine.vocab_size)
+    return ids, params, single
+
+
+def _texts(prompt: Any) -> tuple[list[str], bool]:
+    if isinstance(prompt, str):
+        return [prompt], True
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError("prompt is an empty list: pass at least one prompt")
+        for i, p in enumerate(prompt):
+            if not isinstance(p, str):
+                raise TypeError(f"prompt[{i}] must be a str, got {type(p).__name__}")
+        return list(prompt), False
+    raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+
+
+def _id_lists(input_ids: Any) -> tuple[list[list[int]], bool]:
+    if hasattr(input_ids, "tolist"):  # numpy arrays and torch tensors
+        input_ids = input_ids.tolist()
+    if not isinstance(input_ids, (list, tuple)):
+        raise TypeError(f"input_ids must be a list of int or a list of lists of int, got {type(input_ids).__name__}")
+    if not input_ids:
+        raise ValueError("input_ids is an empty list: pass at least one token")
+    if all(_is_int(t) for t in input_ids):
+        return [list(input_ids)], True
+    out = []
+    for i, seq in enumerate(input_ids):
+        if hasattr(seq, "tolist"):
+            seq = seq.tolist()
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"input_ids[{i}] must be a list of int, got {type(seq).__name__}")
+        for t in seq:
+            if not _is_int(t):
+                raise TypeError(f"input_ids[{i}] holds {t!r} ({type(t).__name__}); token ids must be ints")
+        out.append(list(seq))
+    return out, False
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _params(sampling_params: Any, n: int) -> list[SamplingParams]:
+    if sampling_params is None or isinstance(sampling_params, (dict, SamplingParams)):
+        one = SamplingParams.from_dict(sampling_params)
+        return [one] + [SamplingParams.from_dict(sampling_params) for _ in range(n - 1)]
+    if isinstance(sampling_params, (list, tuple)):
+        if len(sampling_params) != n:
+            raise ValueError(f"got {len(sampling_params)} sampling_params for {n} prompts: pass one dict or one per prompt")
+        return [SamplingParams.from_dict(p) for p in sampling_params]
+    raise TypeError(
+        f"sampling_params must be a dict, a SamplingParams or a list of them, got {type(sampling_params).__name__}"
+    )

@@ -1,0 +1,189 @@
+"""Build an engine's parts from its config: device, weights, tokenizer, runner, scheduler, core.
+
+Kept apart from engine.py so the front end stays about the API and this file about
+the one-time decisions (which device, which dtype, how long a context, which backend).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline_infer.config import EngineConfig
+from pipeline_infer.engine_core import EngineCore
+from pipeline_infer.model_runner import ModelRunner
+from pipeline_infer.scheduler import Scheduler
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineParts:
+    tokenizer: Any
+    hf_config: Any
+    model_dir: str
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    vocab_size: int
+    eos_token_ids: set[int]
+    attention_backend: str
+    runner: ModelRunner
+    scheduler: Scheduler
+    prefix_cache: Any
+    core: EngineCore
+
+
+def build_engine_parts(cfg: EngineConfig) -> EngineParts:
+    _quiet_dependencies()
+    from pipeline_infer import loader
+
+    if cfg.random_seed is not None:
+        torch.manual_seed(cfg.random_seed)
+    device = _device(cfg.device)
+    dtype = _dtype(cfg.dtype, device)
+    model_dir = loader.resolve_model_path(cfg.model_path, revision=cfg.revision)
+    hf_config = loader.load_hf_config(model_dir, trust_remote_code=cfg.trust_remote_code)
+    model = loader.load_model(model_dir, hf_config, load_format=cfg.load_format, dtype=dtype, device=device)
+
+    tokenizer = None if cfg.skip_tokenizer_init else _tokenizer(cfg.tokenizer_path or model_dir, cfg)
+    eos = _eos_ids(hf_config, model_dir, tokenizer)
+    model_context = int(getattr(hf_config, "max_position_embeddings", 0) or 4096)
+    if cfg.context_length is not None and cfg.context_length > model_context:
+        raise ValueError(
+            f"context_length={cfg.context_length} exceeds the model's max_position_embeddings ({model_context})"
+        )
+    context = cfg.context_length or model_context
+
+    backend = cfg.attention_backend or _default_backend(device)
+    if backend != "torch" and device.type != "cuda":
+        raise ValueError(f"attention_backend={backend!r} needs a CUDA device; on the CPU use 'torch'")
+    runner = ModelRunner(
+        model,
+        hf_config,
+        device=device,
+        dtype=dtype,
+        page_size=cfg.page_size,
+        max_total_tokens=cfg.max_total_tokens,
+        mem_fraction_static=cfg.mem_fraction_static,
+        attention_backend=backend,
+        eos_token_ids=eos,
+        max_context=context,
+    )
+    # A lone sequence must always fit in the pool, so the pool also caps the context.
+    context = min(context, runner.capacity_tokens)
+
+    prefix_cache = None
+    if not cfg.disable_radix_cache:
+        prefix_cache = _prefix_cache(runner, cfg)
+    max_running = cfg.max_running_requests or (256 if device.type == "cuda" else 64)
+    scheduler = Scheduler(
+        runner.kv_pool.allocator,
+        page_size=cfg.page_size,
+        max_running_requests=max_running,
+        chunked_prefill_size=cfg.chunked_prefill_size,
+        schedule_policy=cfg.schedule_policy,
+        conservativeness=cfg.schedule_conservativeness,
+        prefix_cache=prefix_cache,
+    )
+    core = EngineCore(scheduler, runner)
+    return EngineParts(
+        tokenizer=tokenizer,
+        hf_config=hf_config,
+        model_dir=model_dir,
+        device=device,
+        dtype=dtype,
+        context_length=context,
+        vocab_size=int(hf_config.vocab_size),
+        eos_token_ids=eos,
+        attention_backend=backend,
+        runner=runner,
+        scheduler=scheduler,
+        prefix_cache=prefix_cache,
+        core=core,
+    )
+
+
+def _prefix_cache(runner: ModelRunner, cfg: EngineConfig):
+    try:
+        from pipeline_infer.cache.radix import RadixCache
+    except ImportError:  # radix cache not available in this build
+        return None
+    return RadixCache(runner.kv_pool.allocator, cfg.page_size)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device='cpu'")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def _default_backend(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+
+        from pipeline_infer.kernels.attention import triton_backend  # noqa: F401
+
+        return "triton"
+    except ImportError:
+        return "torch"
+
+
+def _tokenizer(path: str, cfg: EngineConfig):
+    from pipeline_infer.tokenizer import Tokenizer
+
+    has_tokenizer = any(
+        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    )
+    if not has_tokenizer:
+        if cfg.load_format == "dummy" or cfg.tokenizer_path is None:
+            return None  # random-weight benchmarks run on token ids alone
+    return Tokenizer.from_pretrained(path)
+
+
+def _eos_ids(hf_config, model_dir: str, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    candidates = [getattr(hf_config, "eos_token_id", None)]
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(gen_path):
+        import json
+
+        with open(gen_path) as f:
+            candidates.append(json.load(f).get("eos_token_id"))
+    if tokenizer is not None:
+        candidates.append(sorted(tokenizer.eos_token_ids))
+    for c in candidates:
+        if isinstance(c, int):
+            ids.add(c)
+        elif isinstance(c, (list, tuple, set)):
+            ids.update(int(x) for x in c)
+    return ids
+
+
+def _quiet_dependencies() -> None:
+    """Our dependencies' warnings and progress bars are noise in a batch job's output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="huggingface_hub")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:
+        pass

@@ -1,0 +1,48 @@
+"""What one model step needs to know about its batch, and nothing about requests.
+
+The scheduler decides which tokens run; the model runner turns that decision into this
+object; the model and the attention backend read it. Tokens of all sequences are
+flattened into one dimension T, sequence after sequence, so linear layers never see
+padding. Host-side lists (`extend_lens`, `prefix_lens`) are for planning; tensors live
+on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from pipeline_infer.kernels.attention.base import AttentionBackend
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64: the new tokens of every sequence, concatenated
+    positions: torch.Tensor  # [T] int64: absolute position of each new token in its sequence
+    extend_lens: list[int]  # new tokens per sequence this step (1 for a decode)
+    prefix_lens: list[int]  # tokens of each sequence already in the KV cache before this step
+    page_table: torch.Tensor  # [B, max_pages] int32: KV page ids of each sequence, prefix and new
+    out_cache_loc: torch.Tensor  # [T] int64: slot (page * page_size + offset) for each new token's K/V
+    logits_indices: torch.Tensor  # [N] int64: rows of the hidden states that produce logits
+    attn_backend: "AttentionBackend | None" = None
+    attn_metadata: Any = None  # whatever the backend's plan() computed for this batch
+    extras: dict = field(default_factory=dict)  # e.g. "hidden_states" requests
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [p + e for p, e in zip(self.prefix_lens, self.extend_lens)]
+
+    @property
+    def is_decode(self) -> bool:
+        return all(e == 1 for e in self.extend_lens)

@@ -1,0 +1,128 @@
+"""Request: one sequence's state from submission to finish. Pure Python, no torch.
+
+Token bookkeeping: `token_ids` = prompt + generated tokens. `num_computed` of them have
+their K/V in the cache (in `pages`, page_size tokens a page). A step feeds
+token_ids[num_computed : num_computed + n] to the model; when that reaches the end of
+`token_ids`, the step's logits sample the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pipeline_infer.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class FinishReason:
+    type: str  # "stop" | "length" | "abort"
+    matched: int | str | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type, "matched": self.matched}
+        if self.message is not None:
+            d["message"] = self.message
+        return d
+
+
+@dataclass(eq=False)  # identity semantics: requests live in sets and dicts
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    context_length: int = 1 << 30
+    seed: int | None = None  # per-request sampling seed (already derived for n > 1)
+    detokenizer: Any = None  # IncrementalDetokenizer or None (skip_tokenizer_init / input_ids only)
+    on_output: Callable[["Request", bool], None] | None = None  # (request, finished) -> None
+    arrival_time: float = field(default_factory=time.perf_counter)
+
+    # generation state
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+
+    # KV state (owned by the scheduler)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_shared_pages: int = 0  # leading pages owned by the prefix cache (from a match)
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache at admission
+    prefix_node: Any = None  # radix node locked while this request runs
+    num_retractions: int = 0
+
+    # output state (owned by the engine core)
+    output_text: str = ""  # text released to the user so far
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids: list[int] = list(self.prompt_ids)
+
+    # --- sizes -----------------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        """Upper bound on tokens still to generate (max_new_tokens and the context both cap it)."""
+        by_params = self.params.max_new_tokens - self.num_output
+        by_context = self.context_length - self.num_tokens
+        return max(0, min(by_params, by_context))
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    # --- generation --------------------------------------------------------------
+    def append_token(self, token_id: int) -> None:
+        """Record a sampled token and decide whether the request is done."""
+        self.output_ids.append(token_id)
+        self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        p = self.params
+        stop_token = self.num_output > p.min_new_tokens - 1 and (
+            (p.stop_token_ids is not None and token_id in p.stop_token_ids)
+            or (not p.ignore_eos and token_id in self.eos_token_ids)
+        )
+        # A stop token stays in output_ids (as in SGLang) but its text is trimmed unless no_stop_trim.
+        if self.detokenizer is not None and (not stop_token or p.no_stop_trim):
+            self.output_text += self.detokenizer.add(token_id)
+        if stop_token:
+            return self.finish(FinishReason("stop", token_id))
+        # Stop strings end a request even before min_new_tokens: the detokenizer has already
+        # withheld the match, and emitting past it would break the stream's contract.
+        if self.detokenizer is not None and self.detokenizer.stopped is not None:
+            return self.finish(FinishReason("stop", self.detokenizer.stopped))
+        if self.num_output >= p.max_new_tokens or self.num_tokens >= self.context_length:
+            return self.finish(FinishReason("length", None))
+
+    def finish(self, reason: FinishReason) -> None:
+        if self.is_finished:
+            return
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.finish_time = time.perf_counter()
+        if self.detokenizer is not None and self.detokenizer.stopped is None:
+            self.output_text += self.detokenizer.finish()
+        elif self.detokenizer is not None:
+            self.output_text = self.detokenizer.text

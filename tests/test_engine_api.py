@@ -1,0 +1,208 @@
+"""The Engine API contract on the bundled SmolLM2-135M-Instruct (CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from pipeline_infer import Engine
+from pipeline_infer.utils import async_stream_and_merge, stream_and_merge
+
+GREEDY = {"temperature": 0, "max_new_tokens": 24}
+
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is",
+    "List three primary colors:",
+    "Write one sentence about the ocean and the creatures that live in its deepest trenches.",
+    "2 + 2 =",
+    "def fibonacci(n):",
+    "Translate to French: I would like a cup of coffee, please, with a little milk and no sugar.",
+    "Q: What is the boiling point of water at sea level? A:",
+]
+
+
+def test_greedy_matches_hf_on_bundled_model(bundled_engine):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(bundled_engine.model_dir, dtype=torch.float32).eval()
+    params = {"temperature": 0, "max_new_tokens": 32}
+    outs = bundled_engine.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([bundled_engine.tokenizer.encode([prompt])[0]])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False)
+        assert out["output_ids"] == ref[0, ids.shape[1] :].tolist(), prompt
+
+
+def test_single_and_list_shapes(bundled_engine):
+    one = bundled_engine.generate("The capital of France is", GREEDY)
+    assert isinstance(one, dict) and set(one) >= {"text", "output_ids", "meta_info"}
+    meta = one["meta_info"]
+    assert set(meta) >= {"id", "prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason", "e2e_latency"}
+    assert meta["completion_tokens"] == len(one["output_ids"]) > 0
+    assert meta["finish_reason"]["type"] in ("stop", "length")
+    assert "Paris" in one["text"]
+    many = bundled_engine.generate(["a", "b"], GREEDY)
+    assert isinstance(many, list) and len(many) == 2
+
+
+def test_input_ids_equal_text_prompt(bundled_engine):
+    ids = bundled_engine.tokenizer.encode(["The capital of France is"])[0]
+    a = bundled_engine.generate("The capital of France is", GREEDY)
+    b = bundled_engine.generate(input_ids=ids, sampling_params=GREEDY)
+    assert a["output_ids"] == b["output_ids"] and a["text"] == b["text"]
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_stream_merges_to_the_non_streamed_result(incremental):
+    with Engine(incremental_streaming_output=incremental) as llm:
+        params = {"temperature": 0, "max_new_tokens": 40, "stop": ["\n\n"]}
+        prompt = "Write a short, neutral self-introduction for a fictional character. Hello, my name is"
+        full = llm.generate(prompt, params)
+        assert stream_and_merge(llm, prompt, params) == full["text"]
+
+        chunks = list(llm.generate(prompt, params, stream=True))
+        assert chunks[-1]["meta_info"]["finish_reason"] == full["meta_info"]["finish_reason"]
+        ids = [t for c in chunks for t in c["output_ids"]] if incremental else chunks[-1]["output_ids"]
+        assert ids == full["output_ids"]
+        if not incremental:  # each chunk carries everything so far
+            for a, b in zip(chunks, chunks[1:]):
+                assert b["text"].startswith(a["text"])
+
+        async def merged_async() -> str:
+            return "".join([piece async for piece in async_stream_and_merge(llm, prompt, params)])
+
+        assert asyncio.run(merged_async()) == full["text"]
+
+
+def test_async_batch_and_async_stream(bundled_engine):
+    async def main():
+        outs = await bundled_engine.async_generate(PROMPTS[:3], GREEDY)
+        gen = await bundled_engine.async_generate(PROMPTS[0], GREEDY, stream=True)
+        last = None
+        async for chunk in gen:
+            last = chunk
+        return outs, last
+
+    outs, last = asyncio.run(main())
+    sync = bundled_engine.generate(PROMPTS[:3], GREEDY)
+    assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in sync]
+    assert last["output_ids"] == sync[0]["output_ids"]
+
+
+def test_sync_api_inside_a_running_loop(bundled_engine):
+    async def notebook_cell():
+        return bundled_engine.generate("The capital of France is", GREEDY)
+
+    out = asyncio.run(notebook_cell())
+    assert out["output_ids"] == bundled_engine.generate("The capital of France is", GREEDY)["output_ids"]
+
+
+def test_per_prompt_params_n_and_seeds(bundled_engine):
+    params = [
+        {"temperature": 0, "max_new_tokens": 5},
+        {"temperature": 1.0, "max_new_tokens": 9, "sampling_seed": 1234},
+    ]
+    outs = bundled_engine.generate(["Hello", "Once upon a time"], params)
+    assert outs[0]["meta_info"]["completion_tokens"] <= 5
+    assert outs[1]["meta_info"]["completion_tokens"] <= 9
+    # The same seed gives the same sample, alone or in another batch.
+    again = bundled_engine.generate(["x", "Once upon a time"], [params[0], params[1]])[1]
+    alone = bundled_engine.generate("Once upon a time", params[1])
+    assert outs[1]["output_ids"] == again["output_ids"] == alone["output_ids"]
+
+    samples = bundled_engine.generate(
+        "Once upon a time", {"temperature": 1.0, "max_new_tokens": 12, "n": 4, "sampling_seed": 7}
+    )
+    assert isinstance(samples, list) and len(samples) == 4
+    assert len({tuple(s["output_ids"]) for s in samples}) > 1, "n samples should differ"
+    again = bundled_engine.generate(
+        "Once upon a time", {"temperature": 1.0, "max_new_tokens": 12, "n": 4, "sampling_seed": 7}
+    )
+    assert [s["output_ids"] for s in samples] == [s["output_ids"] for s in again]
+
+
+def test_max_new_tokens_zero(bundled_engine):
+    out = bundled_engine.generate("Hello", {"max_new_tokens": 0})
+    assert out["output_ids"] == [] and out["text"] == ""
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+
+
+BAD_INPUTS = [
+    ({"prompt": "hi", "sampling_params": {"max_new_tokens": -1}}, ValueError, "max_new_tokens"),
+    ({"prompt": "hi", "sampling_params": {"temperature": -0.5}}, ValueError, "temperature"),
+    ({"prompt": "hi", "sampling_params": {"top_p": 0.0}}, ValueError, "top_p"),
+    ({"prompt": "hi", "sampling_params": {"top_p": 1.5}}, ValueError, "top_p"),
+    ({"prompt": "hi", "sampling_params": {"top_k": 0}}, ValueError, "top_k"),
+    ({"prompt": "hi", "sampling_params": {"top_k": -2}}, ValueError, "top_k"),
+    ({"prompt": "hi", "sampling_params": {"max_tokens": 3}}, TypeError, "max_new_tokens"),
+    ({"prompt": "hi", "sampling_params": {"temperature": "hot"}}, TypeError, "temperature"),
+    ({"prompt": 42}, TypeError, "prompt"),
+    ({"prompt": []}, ValueError, "empty"),
+    ({"prompt": "hi", "input_ids": [1, 2]}, ValueError, "exactly one"),
+    ({}, ValueError, "exactly one"),
+    ({"input_ids": [1, 10**9]}, ValueError, "vocabulary"),
+    ({"input_ids": [1, -1]}, ValueError, "vocabulary"),
+    ({"input_ids": [[1, 2], "x"]}, TypeError, "input_ids"),
+    ({"input_ids": []}, ValueError, "empty"),
+    ({"prompt": ["a", "b"], "sampling_params": [{}, {}, {}]}, ValueError, "sampling_params"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,word", BAD_INPUTS)
+def test_bad_inputs_raise_and_engine_keeps_serving(bundled_engine, kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        bundled_engine.generate(**kwargs)
+    assert bundled_engine.generate("Hi", {"max_new_tokens": 2, "temperature": 0})["meta_info"]["completion_tokens"] > 0
+
+
+def test_prompt_longer_than_context_is_refused_and_output_capped():
+    with Engine(context_length=64) as llm:
+        with pytest.raises(ValueError, match="context"):
+            llm.generate(input_ids=list(range(100, 200)))
+        prompt = list(range(100, 150))  # 50 tokens; 14 fit before the context ends
+        out = llm.generate(input_ids=prompt, sampling_params={"max_new_tokens": 100, "ignore_eos": True})
+        assert len(out["output_ids"]) == 14
+        assert out["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_unknown_engine_option_names_nearest():
+    with pytest.raises(TypeError, match="page_size"):
+        Engine(page_sise=16)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        Engine(trust_remote_code=True)
+
+
+def test_abandoned_stream_aborts_and_frees_pages():
+    with Engine(disable_radix_cache=True) as llm:
+        free_before = llm.get_server_info()["num_free_pages"]
+        gen = llm.generate("Once upon a time", {"max_new_tokens": 500, "ignore_eos": True}, stream=True)
+        next(gen)
+        gen.close()
+
+        async def cancel():
+            task = asyncio.ensure_future(llm.async_generate("Once upon a time", {"max_new_tokens": 500, "ignore_eos": True}))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancel())
+        # The aborts are processed between steps; a call through the engine thread waits for them.
+        llm.generate("x", {"max_new_tokens": 1})
+        info = llm.get_server_info()
+        assert info["num_running"] == 0 and info["num_waiting"] == 0
+        assert info["num_free_pages"] == free_before
+
+
+def test_shutdown_then_calls_raise():
+    llm = Engine()
+    llm.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate("hi")
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(llm.async_generate("hi"))
+    llm.shutdown()  # idempotent

@@ -1,0 +1,79 @@
+"""Tiny random-weight HF checkpoints of each supported family, written to disk.
+
+They are the independent reference for parity tests: HF transformers runs them with its
+own code, our engine loads the same safetensors through our loader and models.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import transformers
+
+VOCAB = 384
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(rope_theta=10000.0)),
+    "llama3": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=None, head_dim=16)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def make_tiny_model(directory: str, family: str, seed: int = 0) -> tuple[str, torch.nn.Module]:
+    """Write a tiny checkpoint of `family` to directory; return (dir, the HF model in eval mode)."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = config_cls(**_COMMON, **extra)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # Larger-than-default weights make logits spread out, so greedy paths have no near-ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory, model
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF generate, one prompt at a time (no padding), greedy; returns the new ids."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
