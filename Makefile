@@ -36,11 +36,11 @@ demo: setup
 	$(BIN)/python examples/offline_engine.py
 
 test: setup-dev
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # On a CUDA machine (the device tool): the GPU-marked tests only.
 test-gpu: setup-dev
-	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m gpu $(PYTEST_ARGS)
 
 bench: setup-dev
 	$(BIN)/python benchmarks/cpu_vs_hf.py

@@ -4,9 +4,6 @@
 `sgl.Engine(model_path=None)`; `model_path=None` loads the bundled SmolLM2-135M-Instruct.
 """
 
-from pipeline_infer.sampling_params import SamplingParams
-
-
 def __getattr__(name: str):
     # Engine pulls in torch and transformers: import it on first use so that
     # `import pipeline_infer.operators` in a light worker process stays cheap.
@@ -14,6 +11,10 @@ def __getattr__(name: str):
         from pipeline_infer.engine import Engine
 
         return Engine
+    if name == "SamplingParams":
+        from pipeline_infer.sampling_params import SamplingParams
+
+        return SamplingParams
     raise AttributeError(f"module 'pipeline_infer' has no attribute {name!r}")
 
 

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from pipeline_infer import Engine
-from tests.tiny_models import FAMILIES, VOCAB, hf_greedy, make_tiny_model
+from tiny_models import FAMILIES, VOCAB, hf_greedy, make_tiny_model
 
 NEW_TOKENS = 32
 

@@ -1,0 +1,103 @@
+"""Attention backend on our own Triton kernels (kernels/triton/).
+
+`plan` turns the batch's host-side lists into the int32 tensors the kernels read, once per
+forward; `forward` (once per layer) then only launches kernels: store_kv, then the decode
+kernel when every sequence adds one token, else the extend kernel (which also serves mixed
+prefill + decode batches). Nothing in `forward` copies from the device to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline_infer.cache.kv_pool import KVPool
+from pipeline_infer.forward_batch import ForwardBatch
+from pipeline_infer.kernels.triton.decode_attention import choose_num_kv_splits, decode_attention, device_num_sms
+from pipeline_infer.kernels.triton.extend_attention import extend_attention
+from pipeline_infer.kernels.triton.store_kv import store_kv
+
+
+@dataclass
+class TritonAttentionMetadata:
+    is_decode: bool
+    seq_lens: torch.Tensor  # [B] int32: cached + new tokens
+    prefix_lens: torch.Tensor  # [B] int32
+    qo_indptr: torch.Tensor  # [B + 1] int32: sequence b's new tokens are rows qo_indptr[b]:qo_indptr[b+1]
+    page_table: torch.Tensor  # [B, max_pages] int32, contiguous rows
+    max_extend_len: int
+    num_kv_splits: int  # decode only
+
+
+class TritonAttentionBackend:
+    def __init__(
+        self, kv_pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, num_sms: int | None = None
+    ):
+        """num_sms (streaming multiprocessors) sizes the decode split; None asks the device."""
+        if num_kv_heads != kv_pool.num_kv_heads or head_dim != kv_pool.head_dim:
+            raise ValueError(
+                f"num_kv_heads={num_kv_heads}, head_dim={head_dim} do not match the KV pool's "
+                f"{kv_pool.num_kv_heads} and {kv_pool.head_dim}"
+            )
+        if num_q_heads < num_kv_heads or num_q_heads % num_kv_heads != 0:
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        self.kv_pool = kv_pool
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        if num_sms is not None and num_sms < 1:
+            raise ValueError(f"num_sms must be >= 1, got {num_sms}")
+        self._num_sms = num_sms if num_sms is not None else device_num_sms(kv_pool.device)
+
+    def plan(self, batch: ForwardBatch) -> None:
+        """Build the kernels' int32 metadata from the batch's host lists (host work, no device sync)."""
+        device = self.kv_pool.device
+        seq_lens = batch.seq_lens
+        indptr = [0]
+        for n in batch.extend_lens:
+            indptr.append(indptr[-1] + n)
+        page_table = batch.page_table
+        if page_table.dtype != torch.int32 or page_table.device != device or page_table.stride(-1) != 1:
+            page_table = page_table.to(device=device, dtype=torch.int32).contiguous()
+        is_decode = batch.is_decode
+        batch.attn_metadata = TritonAttentionMetadata(
+            is_decode=is_decode,
+            seq_lens=_int32_tensor(seq_lens, device),
+            prefix_lens=_int32_tensor(batch.prefix_lens, device),
+            qo_indptr=_int32_tensor(indptr, device),
+            page_table=page_table,
+            max_extend_len=max(batch.extend_lens, default=0),
+            num_kv_splits=(
+                choose_num_kv_splits(batch.batch_size, self.num_kv_heads, max(seq_lens, default=1), self._num_sms)
+                if is_decode
+                else 1
+            ),
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_q_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_q_heads, head_dim]
+        md = batch.attn_metadata
+        assert isinstance(md, TritonAttentionMetadata), "plan(batch) must run before forward"
+        k_flat, v_flat = self.kv_pool.view_flat(layer_id)
+        store_kv(k, v, k_flat, v_flat, batch.out_cache_loc)
+        k_cache, v_cache = self.kv_pool.k_cache[layer_id], self.kv_pool.v_cache[layer_id]
+        if md.is_decode:
+            return decode_attention(q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits)
+        return extend_attention(
+            q, k_cache, v_cache, md.qo_indptr, md.prefix_lens, md.page_table, md.max_extend_len, scale
+        )
+
+
+def _int32_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # Pinned memory makes the copy asynchronous, so planning does not wait for the GPU.
+        return torch.tensor(values, dtype=torch.int32).pin_memory().to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.int32, device=device)

@@ -1,0 +1,217 @@
+"""Paged decode attention, flash-decoding style: split the KV length, then merge the splits.
+
+Stage 1 runs one program per (sequence, kv head, split). It loads each key/value of its
+split once and scores it against all the query heads of the kv head's GQA group at once
+(the group is padded to 16 rows, the smallest `tl.dot` tile), so KV traffic does not grow
+with the group size. It writes the split's normalised output and its log-sum-exp.
+Stage 2 merges the splits of each (sequence, query head). With one split, stage 1 writes
+the final output directly and stage 2 is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, check_launchable, is_interpreted, next_power_of_2
+from pipeline_infer.kernels.triton.paged_block import attend_paged_block
+
+LOG2E = 1.4426950408889634
+MAX_KV_SPLITS = 64
+# A split shorter than this spends more on its merge than it saves in parallelism.
+MIN_TOKENS_PER_SPLIT = 256
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+    sm_scale_log2, num_splits,
+    stride_qb, stride_qh,
+    stride_kp, stride_ko, stride_kh, stride_vp, stride_vo, stride_vh,
+    stride_pt,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    # Splits are whole multiples of BLOCK_N so only a sequence's last block is partly masked.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_h
+    b64 = b.to(tl.int64)
+    q = tl.load(
+        q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_cache_ptr.dtype.element_ty)
+
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    page_row_ptr = page_table_ptr + b64 * stride_pt
+    for n0 in range(start, end, BLOCK_N):
+        acc, m_i, l_i = attend_paged_block(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, page_row_ptr, n0, end, offs_h,
+            kvh * stride_kh, kvh * stride_vh, stride_kp, stride_ko, stride_vp, stride_vo,
+            sm_scale_log2, offs_d, d_mask,
+            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, DOT_FP32=DOT_FP32,
+        )
+
+    # An empty split (short sequence) writes zeros and lse = -inf, so the merge weighs it 0.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    if WRITE_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_ptr, lse_ptr, out_ptr, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    parts = tl.load(
+        part_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    num = tl.sum(w[:, None] * parts, 0)
+    den = tl.sum(w, 0)
+    out = num / tl.where(den == 0.0, 1.0, den)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def choose_num_kv_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """Enough splits to give every SM about two programs, without splits shorter than 256 tokens."""
+    programs = max(1, batch_size * num_kv_heads)
+    wanted = -(-2 * num_sms // programs)
+    by_length = max(1, -(-max_seq_len // MIN_TOKENS_PER_SPLIT))
+    return max(1, min(wanted, by_length, MAX_KV_SPLITS))
+
+
+def device_num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in on the CPU (interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, num_q_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+    page_table: torch.Tensor,  # [B, max_pages] int32
+    seq_lens: torch.Tensor,  # [B] int32, keys per sequence including the current token
+    scale: float,
+    num_kv_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over each sequence's first seq_lens[b] cached keys.
+
+    num_kv_splits=None picks it from the batch shape and page_table's width (an upper bound
+    on the sequence length, so no device-to-host copy is needed). Returns `out`
+    ([B, num_q_heads, head_dim], q's dtype), allocated when not given.
+    """
+    check_launchable(_decode_split_kernel, q, k_cache, v_cache, page_table, seq_lens, out)
+    batch, num_q_heads, head_dim = _check_decode_args(q, k_cache, v_cache, page_table, seq_lens)
+    num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor with a contiguous last dim")
+    if batch == 0:
+        return out
+    if num_kv_splits is None:
+        max_len = page_table.shape[1] * page_size
+        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_len, device_num_sms(q.device))
+    if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
+        raise ValueError(f"num_kv_splits must be in [1, {MAX_KV_SPLITS}], got {num_kv_splits}")
+
+    block_d = next_power_of_2(head_dim)
+    if num_kv_splits == 1:
+        part, lse = out, out  # lse is unused: WRITE_LSE=False
+        part_strides = (out.stride(0), out.stride(1), 0)
+        lse_strides = (0, 0)
+    else:
+        part = torch.empty((batch, num_q_heads, num_kv_splits, block_d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
+        part_strides = (part.stride(0), part.stride(1), part.stride(2))
+        lse_strides = (lse.stride(0), lse.stride(1))
+
+    _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, part, lse,
+        scale * LOG2E, num_kv_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        *part_strides, *lse_strides,
+        PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=64 if head_dim <= 128 else 32,
+        WRITE_LSE=num_kv_splits > 1, DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_decode_split_kernel),
+        num_warps=4, num_stages=2,
+    )
+    if num_kv_splits > 1:
+        _decode_merge_kernel[(batch, num_q_heads)](
+            part, lse, out, num_kv_splits,
+            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_power_of_2(num_kv_splits),
+        )
+    return out
+
+
+def _check_decode_args(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor
+) -> tuple[int, int, int]:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_dtype(name, t, FLOAT_DTYPES)
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim")
+    check_dtype("page_table", page_table, (torch.int32,))
+    check_dtype("seq_lens", seq_lens, (torch.int32,))
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"expected q [B, Hq, D] and k/v caches [pages, page_size, Hkv, D]; got q {tuple(q.shape)}, "
+            f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({k_cache.shape[3]}) differ")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if page_table.dim() != 2 or page_table.shape[0] != batch or page_table.stride(1) != 1:
+        raise ValueError(f"page_table must be a [{batch}, max_pages] int32 tensor with contiguous rows, got {tuple(page_table.shape)}")
+    if seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens must have shape ({batch},), got {tuple(seq_lens.shape)}")
+    return batch, num_q_heads, head_dim

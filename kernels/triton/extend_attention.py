@@ -1,0 +1,160 @@
+"""Extend (prefill) attention: new tokens attend to their cached prefix and, causally, to each other.
+
+The new tokens' K/V must already be in the paged cache (store_kv runs first), so every key
+is read through the page table, prefix or not; that is what makes a radix-cache hit cheap
+(the prefix is never recomputed, only read).
+
+One program handles one (sequence, kv head, block of new tokens). Its BLOCK_M query rows
+pack BLOCK_M // GROUP tokens times the GROUP query heads that share the kv head, so each
+key/value block is loaded once for the whole group. Keys before the block's first query
+position need no causal mask and run in a cheaper first loop; the rest run masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, check_launchable, is_interpreted, next_power_of_2
+from pipeline_infer.kernels.triton.paged_block import attend_paged_block
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qo_indptr_ptr, prefix_lens_ptr, page_table_ptr,
+    sm_scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kp, stride_ko, stride_kh, stride_vp, stride_vo, stride_vh,
+    stride_pt,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, TOKENS_PER_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    tok0 = tl.program_id(2) * TOKENS_PER_BLOCK
+    qo_start = tl.load(qo_indptr_ptr + b)
+    extend_len = tl.load(qo_indptr_ptr + b + 1) - qo_start
+    prefix_len = tl.load(prefix_lens_ptr + b)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    tok = tok0 + offs_m // GROUP
+    heads = kvh * GROUP + offs_m % GROUP
+    row_mask = (offs_m < TOKENS_PER_BLOCK * GROUP) & (tok < extend_len)
+    rows = (qo_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_cache_ptr.dtype.element_ty)
+    # Rows past the block's tokens get positions beyond every key, so no row is fully masked.
+    q_pos = prefix_len + tok
+
+    # Blocks past the sequence's new tokens (the grid covers the longest extend) do nothing.
+    last_tok = tl.minimum(tok0 + TOKENS_PER_BLOCK, extend_len) - 1
+    kv_end = tl.where(tok0 < extend_len, prefix_len + last_tok + 1, 0)
+    # Keys below the block's first query position are visible to every row: no causal mask.
+    unmasked_end = tl.minimum((prefix_len + tok0 + 1) // BLOCK_N * BLOCK_N, kv_end)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    page_row_ptr = page_table_ptr + b.to(tl.int64) * stride_pt
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = attend_paged_block(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, page_row_ptr, n0, kv_end, q_pos,
+            kvh * stride_kh, kvh * stride_vh, stride_kp, stride_ko, stride_vp, stride_vo,
+            sm_scale_log2, offs_d, d_mask,
+            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, DOT_FP32=DOT_FP32,
+        )
+    for n0 in range(unmasked_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = attend_paged_block(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, page_row_ptr, n0, kv_end, q_pos,
+            kvh * stride_kh, kvh * stride_vh, stride_kp, stride_ko, stride_vp, stride_vo,
+            sm_scale_log2, offs_d, d_mask,
+            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=True, DOT_FP32=DOT_FP32,
+        )
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :],
+    )
+
+
+def extend_attention(
+    q: torch.Tensor,  # [T, num_q_heads, head_dim]: new tokens of all sequences, concatenated
+    k_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim], new K already stored
+    v_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim], new V already stored
+    qo_indptr: torch.Tensor,  # [B + 1] int32: sequence b's queries are rows qo_indptr[b]:qo_indptr[b+1]
+    prefix_lens: torch.Tensor,  # [B] int32: cached tokens before this step's new ones
+    page_table: torch.Tensor,  # [B, max_pages] int32
+    max_extend_len: int,  # the longest extend in the batch (sizes the grid; host value, no sync)
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Query i of sequence b sits at position prefix_lens[b] + i and attends keys 0..that position.
+
+    Returns `out` ([T, num_q_heads, head_dim], q's dtype), allocated when not given.
+    """
+    check_launchable(_extend_kernel, q, k_cache, v_cache, qo_indptr, prefix_lens, page_table, out)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_dtype(name, t, FLOAT_DTYPES)
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim")
+    for name, t in (("qo_indptr", qo_indptr), ("prefix_lens", prefix_lens), ("page_table", page_table)):
+        check_dtype(name, t, (torch.int32,))
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            f"expected q [T, Hq, D] and equal k/v caches [pages, page_size, Hkv, D]; got q {tuple(q.shape)}, "
+            f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}, v_cache {tuple(v_cache.shape)} {v_cache.dtype}"
+        )
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({cache_head_dim}) differ")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    batch = prefix_lens.shape[0]
+    if qo_indptr.shape != (batch + 1,) or page_table.dim() != 2 or page_table.shape[0] != batch:
+        raise ValueError(
+            f"qo_indptr must be [{batch + 1}] and page_table [{batch}, max_pages]; got "
+            f"{tuple(qo_indptr.shape)} and {tuple(page_table.shape)}"
+        )
+    if page_table.stride(1) != 1:
+        raise ValueError("page_table rows must be contiguous")
+    if max_extend_len < 0:
+        raise ValueError(f"max_extend_len must be >= 0, got {max_extend_len}")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor with a contiguous last dim")
+    if num_tokens == 0 or batch == 0 or max_extend_len == 0:
+        return out
+
+    group = num_q_heads // num_kv_heads
+    block_d = next_power_of_2(head_dim)
+    block_m = max(64 if block_d <= 128 else 32, next_power_of_2(group))
+    block_n = 64 if block_d <= 64 else 32
+    tokens_per_block = block_m // group
+    grid = (batch, num_kv_heads, -(-max_extend_len // tokens_per_block))
+    _extend_kernel[grid](
+        q, k_cache, v_cache, out, qo_indptr, prefix_lens, page_table,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim, TOKENS_PER_BLOCK=tokens_per_block,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_extend_kernel),
+        num_warps=4, num_stages=2,
+    )
+    return out
