@@ -64,8 +64,17 @@ class EngineCore:
             block = not self.scheduler.has_work
             if not self._drain(block):
                 break
-            batch = self.scheduler.schedule()
+            try:
+                batch = self.scheduler.schedule()
+            except Exception as exc:  # a scheduler bug: fail what is queued, keep serving
+                logger.error("scheduling failed: %s", traceback.format_exc())
+                self._fail_all(exc)
+                continue
             if batch is None:
+                # Work is queued but none can run (e.g. waiting on pages): wait for a message
+                # briefly instead of spinning.
+                if not self._drain(True, timeout=0.005):
+                    break
                 continue
             try:
                 tokens = self.runner.run(batch)
@@ -79,11 +88,11 @@ class EngineCore:
                 self._emit(req)
         self._shutdown_requests()
 
-    def _drain(self, block: bool) -> bool:
+    def _drain(self, block: bool, timeout: float | None = None) -> bool:
         """Handle queued messages; False once asked to stop."""
         while True:
             try:
-                kind, payload = self._inbox.get(block=block)
+                kind, payload = self._inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return True
             block = False
@@ -123,6 +132,19 @@ class EngineCore:
                 continue
             seen.add(id(req))
             self.scheduler.abort(req.rid)
+            req.finish_reason = FinishReason("abort", None, f"engine error: {type(exc).__name__}: {exc}")
+            self._emit(req)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for req in list(self.scheduler.waiting) + list(self.scheduler.running):
+            try:
+                self.scheduler.abort(req.rid)
+            except Exception:  # the state that broke scheduling may break abort too
+                req.finish(FinishReason("abort", None))
+            if req in self.scheduler.waiting:
+                self.scheduler.waiting.remove(req)
+            if req in self.scheduler.running:
+                self.scheduler.running.remove(req)
             req.finish_reason = FinishReason("abort", None, f"engine error: {type(exc).__name__}: {exc}")
             self._emit(req)
 

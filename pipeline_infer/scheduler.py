@@ -167,15 +167,18 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
             matched_pages, matched_tokens, node = self._match(req)
-            need = self._pages_for(req.num_tokens) - len(matched_pages) + self._reserve_pages(req)
-            available = self.allocator.num_free + self._evictable() - reserved
-            if need > available:
-                break  # head-of-line: keep arrival order fair rather than starve long prompts
-            new_pages = self._alloc(self._pages_for(req.num_tokens) - len(matched_pages))
-            if new_pages is None:
-                break
+            # Lock the match before anything can evict: the allocation below may evict.
             if node is not None:
                 self.prefix_cache.lock(node)
+            need = self._pages_for(req.num_tokens) - len(matched_pages) + self._reserve_pages(req)
+            available = self.allocator.num_free + self._evictable() - reserved
+            new_pages = None
+            if need <= available:
+                new_pages = self._alloc(self._pages_for(req.num_tokens) - len(matched_pages))
+            if new_pages is None:
+                if node is not None:
+                    self.prefix_cache.unlock(node)
+                break  # head-of-line: keep arrival order fair rather than starve long prompts
             req.prefix_node = node
             req.pages = list(matched_pages) + new_pages
             req.num_shared_pages = len(matched_pages)

@@ -1,0 +1,1 @@
+"""Building blocks the model files assemble: norms, rotary embedding, activation, attention."""

@@ -1,0 +1,195 @@
+"""Batched sampling: one call turns a step's logits [B, V] into B token ids.
+
+Order of operations (the same as SGLang and vLLM):
+  logit_bias -> penalties (repetition, frequency, presence) -> min_new_tokens stop-token mask
+  -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
+
+Draws use the "exponential race": argmax(p / E) with E ~ Exp(1) i.i.d. per token is an exact
+sample from p, needs no normalisation after the top-k/p/min-p masks, and makes seeding easy: a
+request with `sampling_seed` draws its E from its own generator, seeded by (seed, step), so its
+output does not depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline_infer.sampling_params import SamplingParams
+
+_MASK = float("-inf")
+
+
+@dataclass
+class SamplingBatchInfo:
+    temperatures: torch.Tensor  # [B, 1] float32, 1.0 on greedy rows (they skip the division)
+    top_ps: torch.Tensor  # [B] float32
+    top_ks: torch.Tensor  # [B] int64, vocab_size where disabled
+    min_ps: torch.Tensor  # [B] float32
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    need_top_p: bool
+    need_top_k: bool
+    need_min_p: bool
+    seeds: list[int | None]
+    steps: list[int]  # tokens generated so far per row: the seeded draw's counter
+    # Penalties (None when no row uses them).
+    output_counts: torch.Tensor | None  # [B, V] counts of generated tokens
+    seen_mask: torch.Tensor | None  # [B, V] bool: token in prompt or output (repetition penalty)
+    frequency_penalties: torch.Tensor | None  # [B, 1]
+    presence_penalties: torch.Tensor | None  # [B, 1]
+    repetition_penalties: torch.Tensor | None  # [B, 1]
+    # Additive bias: logit_bias and the min_new_tokens ban on stop tokens (None when unused).
+    bias: torch.Tensor | None  # [B, V] float32
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_ids: list[list[int]],
+        output_ids: list[list[int]],
+        seeds: list[int | None],
+        vocab_size: int,
+        device: torch.device,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
+    ) -> "SamplingBatchInfo":
+        B, V = len(params), vocab_size
+        greedy = [p.is_greedy for p in params]
+
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+        top_ks = [V if (p.top_k < 0 or p.top_k >= V) else p.top_k for p in params]
+        info_penalties = _penalties(params, prompt_ids, output_ids, V, device)
+        return cls(
+            temperatures=col(temps, torch.float32).view(B, 1),
+            top_ps=col([p.top_p for p in params], torch.float32),
+            top_ks=col(top_ks, torch.int64),
+            min_ps=col([p.min_p for p in params], torch.float32),
+            greedy=col(greedy, torch.bool),
+            all_greedy=all(greedy),
+            need_top_p=any(p.top_p < 1.0 for p, g in zip(params, greedy) if not g),
+            need_top_k=any(k < V for k, g in zip(top_ks, greedy) if not g),
+            need_min_p=any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g),
+            seeds=list(seeds),
+            steps=[len(o) for o in output_ids],
+            **info_penalties,
+            bias=_bias(params, output_ids, V, device, eos_token_ids),
+        )
+
+
+def _penalties(params, prompt_ids, output_ids, V, device) -> dict:
+    none = dict(output_counts=None, seen_mask=None, frequency_penalties=None,
+                presence_penalties=None, repetition_penalties=None)
+    if not any(p.has_penalties for p in params):
+        return none
+    B = len(params)
+    counts = torch.zeros(B, V, dtype=torch.float32)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    for i, p in enumerate(params):
+        if not p.has_penalties:
+            continue
+        if output_ids[i]:
+            out = torch.tensor(output_ids[i], dtype=torch.long)
+            counts[i].index_add_(0, out, torch.ones(len(out)))
+            seen[i, out] = True
+        if p.repetition_penalty != 1.0 and prompt_ids[i]:
+            seen[i, torch.tensor(prompt_ids[i], dtype=torch.long)] = True
+
+    def col(name):
+        return torch.tensor([getattr(p, name) for p in params], dtype=torch.float32).view(B, 1).to(device)
+
+    return dict(
+        output_counts=counts.to(device),
+        seen_mask=seen.to(device),
+        frequency_penalties=col("frequency_penalty"),
+        presence_penalties=col("presence_penalty"),
+        repetition_penalties=col("repetition_penalty"),
+    )
+
+
+def _bias(params, output_ids, V, device, eos_token_ids) -> torch.Tensor | None:
+    rows: list[tuple[int, list[tuple[int, float]]]] = []
+    for i, p in enumerate(params):
+        entries = p.logit_bias_items()
+        if len(output_ids[i]) < p.min_new_tokens:
+            banned = set(p.stop_token_ids or [])
+            if not p.ignore_eos:
+                banned |= set(eos_token_ids)
+            entries += [(t, _MASK) for t in banned if t < V]
+        if entries:
+            rows.append((i, entries))
+    if not rows:
+        return None
+    bias = torch.zeros(len(params), V, dtype=torch.float32)
+    for i, entries in rows:
+        for tok, value in entries:
+            bias[i, tok] += value
+    return bias.to(device)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        logits = self.adjust_logits(logits.float(), info)
+        if info.all_greedy:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / info.temperatures, dim=-1)
+        probs = self._truncate(probs, info)
+        sampled = (probs / self._exponentials(probs, info)).argmax(dim=-1)
+        return torch.where(info.greedy, logits.argmax(dim=-1), sampled)
+
+    @staticmethod
+    def adjust_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        """logit_bias, penalties and the min_new_tokens mask, applied in that order."""
+        if info.output_counts is not None:
+            rep = info.repetition_penalties
+            penalised = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(info.seen_mask, penalised, logits)
+            logits = logits - info.frequency_penalties * info.output_counts
+            logits = logits - info.presence_penalties * (info.output_counts > 0).float()
+        if info.bias is not None:
+            logits = logits + info.bias
+        return logits
+
+    @staticmethod
+    def _truncate(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        """Zero the tokens outside top-k, top-p and min-p (the kept ones need no renormalising)."""
+        if info.need_min_p:
+            cut = probs.max(dim=-1, keepdim=True).values * info.min_ps.view(-1, 1)
+            probs = probs.masked_fill(probs < cut, 0.0)
+        if not (info.need_top_k or info.need_top_p):
+            return probs
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        ranks = torch.arange(probs.shape[-1], device=probs.device).view(1, -1)
+        drop = ranks >= info.top_ks.view(-1, 1)
+        if info.need_top_p:
+            # Keep the smallest prefix whose mass reaches top_p: a token goes when the mass
+            # strictly before it already does (so the first token always stays).
+            before = sorted_p.cumsum(dim=-1) - sorted_p
+            total = sorted_p.sum(dim=-1, keepdim=True)
+            drop |= before >= info.top_ps.view(-1, 1) * total
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+    @staticmethod
+    def _exponentials(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        B, V = probs.shape
+        u = torch.rand(B, V, device=probs.device, dtype=torch.float32)
+        for i, seed in enumerate(info.seeds):
+            if seed is None:
+                continue
+            g = torch.Generator(device=probs.device)
+            g.manual_seed(_mix(seed, info.steps[i]))
+            u[i] = torch.rand(V, generator=g, device=probs.device, dtype=torch.float32)
+        # E = -log(U); clamp keeps U = 0 (possible in float32) from producing an infinite E.
+        return -torch.log(u.clamp_min(1e-20))
+
+
+def _mix(seed: int, step: int) -> int:
+    """A 63-bit seed for (request seed, step): splitmix64 so nearby seeds give unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF

@@ -1,0 +1,158 @@
+"""Sampler against hand-computed distributions and adjustments (CPU, float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline_infer.sampler import Sampler, SamplingBatchInfo
+from pipeline_infer.sampling_params import SamplingParams
+
+V = 6
+
+
+def _info(params, prompt=None, outputs=None, seeds=None, eos=frozenset()):
+    B = len(params)
+    return SamplingBatchInfo.build(
+        params=params,
+        prompt_ids=prompt or [[0]] * B,
+        output_ids=outputs or [[] for _ in range(B)],
+        seeds=seeds or [None] * B,
+        vocab_size=V,
+        device=torch.device("cpu"),
+        eos_token_ids=eos,
+    )
+
+
+def _sp(**kw) -> SamplingParams:
+    p = SamplingParams.from_dict(kw)
+    p.validate(V)
+    return p
+
+
+def _frequencies(logits_row, n=40000, **kw) -> torch.Tensor:
+    torch.manual_seed(0)
+    logits = torch.tensor(logits_row, dtype=torch.float32).repeat(n, 1)
+    toks = Sampler()(logits, _info([_sp(**kw)] * n))
+    return torch.bincount(toks, minlength=V).float() / n
+
+
+LOGITS = [2.0, 1.0, 0.5, 0.0, -1.0, -3.0]
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    logits = torch.randn(7, V)
+    assert torch.equal(Sampler()(logits, _info([_sp(temperature=0)] * 7)), logits.argmax(-1))
+    assert torch.equal(Sampler()(logits, _info([_sp(temperature=1.3, top_k=1)] * 7)), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_temperature_sampling_matches_softmax(temperature):
+    freq = _frequencies(LOGITS, temperature=temperature)
+    expected = torch.softmax(torch.tensor(LOGITS) / temperature, -1)
+    assert torch.allclose(freq, expected, atol=0.01)
+
+
+def test_top_k_renormalises_the_k_best():
+    freq = _frequencies(LOGITS, top_k=2)
+    p = torch.softmax(torch.tensor(LOGITS[:2]), -1)
+    assert torch.allclose(freq[:2], p, atol=0.01) and freq[2:].sum() == 0
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.03, 0.01])
+    # before-mass: 0, .5, .8 -> with top_p=.6 tokens 0 and 1 stay (0.5 < 0.6), token 2 goes (0.8 >= 0.6)
+    freq = _frequencies(probs.log().tolist(), top_p=0.6)
+    assert torch.allclose(freq[:2], torch.tensor([0.625, 0.375]), atol=0.01) and freq[2:].sum() == 0
+
+
+def test_min_p_drops_tokens_below_fraction_of_max():
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.04, 0.01])
+    freq = _frequencies(probs.log().tolist(), min_p=0.3)  # keep p >= 0.12
+    kept = probs[:3] / probs[:3].sum()
+    assert torch.allclose(freq[:3], kept, atol=0.01) and freq[3:].sum() == 0
+
+
+def test_mixed_batch_greedy_rows_stay_greedy():
+    logits = torch.randn(50, V)
+    params = [_sp(temperature=0) if i % 2 else _sp(temperature=1.0) for i in range(50)]
+    out = Sampler()(logits, _info(params))
+    assert torch.equal(out[1::2], logits[1::2].argmax(-1))
+
+
+def test_seeded_rows_do_not_depend_on_batch_neighbours():
+    torch.manual_seed(1)
+    row = torch.randn(V)
+    alone = [Sampler()(row.view(1, V), _info([_sp()], outputs=[[1] * s], seeds=[42])).item() for s in range(30)]
+    mates = torch.randn(3, V)
+    together = []
+    for s in range(30):
+        logits = torch.cat([mates, row.view(1, V)])
+        info = _info([_sp()] * 4, outputs=[[], [], [], [1] * s], seeds=[None, 7, None, 42])
+        together.append(Sampler()(logits, info)[3].item())
+    assert alone == together
+    other = [Sampler()(row.view(1, V), _info([_sp()], outputs=[[1] * s], seeds=[43])).item() for s in range(30)]
+    assert other != alone  # 30 draws from a 6-token distribution: equal only by a ~1e-10 chance
+
+
+def test_penalties_hand_computed():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 0.0, 3.0]])
+    p = _sp(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    info = _info([p], prompt=[[0]], outputs=[[1, 3, 3]])
+    got = Sampler.adjust_logits(logits.clone(), info)
+    # token 0: in prompt -> 2/2 = 1. token 1: output once -> -1*2 - .5 - .25. token 3: twice -> 1/2 - 1 - .25
+    expected = torch.tensor([[1.0, -2.75, 0.5, -0.75, 0.0, 3.0]])
+    assert torch.allclose(got, expected)
+
+
+def test_min_new_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = torch.tensor([[0.0, 0.0, 9.0, 0.0, 8.0, 0.0]])  # eos=2 is the argmax, stop id 4 next
+    p = _sp(temperature=0, min_new_tokens=2, max_new_tokens=5, stop_token_ids=[4])
+    assert Sampler()(logits, _info([p], outputs=[[1]], eos={2})).item() not in (2, 4)
+    assert Sampler()(logits, _info([p], outputs=[[1, 1]], eos={2})).item() == 2
+    p_ignore = _sp(temperature=0, min_new_tokens=2, max_new_tokens=5, ignore_eos=True)
+    assert Sampler()(logits, _info([p_ignore], outputs=[[1]], eos={2})).item() == 2
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    logits = torch.zeros(1, V)
+    assert Sampler()(logits, _info([_sp(logit_bias={"4": 100.0})])).item() == 4
+    logits = torch.tensor([[5.0, 0, 0, 0, 0, 0]])
+    assert Sampler()(logits, _info([_sp(temperature=0, logit_bias={0: -100})])).item() != 0
+
+
+@pytest.mark.parametrize(
+    "bad,word",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"min_new_tokens": 9, "max_new_tokens": 3}, "min_new_tokens"),
+        ({"stop_token_ids": [V]}, "stop_token_ids"),
+        ({"logit_bias": {"99": 1.0}}, "logit_bias"),
+        ({"stop_regex": "("}, "stop_regex"),
+        ({"n": 0}, "n"),
+    ],
+)
+def test_invalid_values_are_value_errors(bad, word):
+    with pytest.raises(ValueError, match=word):
+        SamplingParams.from_dict(bad).validate(V)
+
+
+@pytest.mark.parametrize(
+    "bad,word",
+    [({"temprature": 0.5}, "temperature"), ({"max_new_tokens": 1.5}, "max_new_tokens"), ({"stop": 3}, "stop"), ({"ignore_eos": 1}, "ignore_eos")],
+)
+def test_wrong_keys_and_types_are_type_errors(bad, word):
+    with pytest.raises(TypeError, match=word):
+        SamplingParams.from_dict(bad)
+
+
+def test_normalisation():
+    p = SamplingParams.from_dict({"stop": "###", "stop_regex": r"\d+", "temperature": 1})
+    assert p.stop == ["###"] and p.stop_regex == [r"\d+"] and isinstance(p.temperature, float)
+    assert SamplingParams.from_dict(p) is not p and SamplingParams.from_dict(p) == p
