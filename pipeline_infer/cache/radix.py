@@ -1,0 +1,276 @@
+"""Radix cache: a prefix tree over token ids, at page granularity, whose nodes hold KV pages.
+
+Shape of the tree
+-----------------
+Every edge carries a key of whole pages (a tuple of `k * page_size` token ids) and the `k`
+page ids whose K/V hold exactly those tokens. A node's children are keyed by the first page
+of their edge (a `page_size`-tuple), so each descent step is one dict lookup per page.
+Two children of one node never share their first page, so the tree is a radix tree over
+pages. Only whole pages are ever cached or matched: a partial trailing page belongs to the
+request that wrote it and is never shared.
+
+Ownership (who frees a page)
+----------------------------
+- A page stored in a node belongs to the tree. Only `evict` and `reset` give it back to the
+  allocator.
+- `match_prefix` hands out the tree's page ids without transferring ownership. A request that
+  uses them must `lock` the returned node (which pins that node and all its ancestors) for as
+  long as it reads those pages, and `unlock` it afterwards. It never frees them.
+- `insert(token_ids, pages)` offers the caller's pages to the tree. Pages covering the new
+  suffix of the key become the tree's. For the part already cached, the tree keeps its own
+  page ids and returns the caller's in `InsertResult.duplicate_pages`: those still belong to
+  the caller, who must free them. (A caller page that *is* the tree's page at that position,
+  i.e. one obtained from a match, is not reported: it was never the caller's to free.)
+- `evict` only removes unlocked leaves, least recently used first; removing a leaf can turn its
+  parent into an evictable leaf. `reset` drops everything and must only be called when no node
+  is locked (no request is running).
+
+Accounting is O(1): the tree counts the pages it holds and the pages in locked nodes, so
+`evictable_pages` (what `evict` could free if asked for everything) is their difference.
+LRU order uses a logical clock bumped once per match/insert, and a lazily pruned heap of
+evictable leaves keyed by their last access.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from pipeline_infer.cache.kv_pool import PageAllocator
+
+
+class RadixNode:
+    __slots__ = ("key", "pages", "children", "parent", "ref", "last_access", "dead")
+
+    def __init__(self, key: tuple[int, ...], pages: list[int], parent: Optional["RadixNode"], last_access: int):
+        self.key = key  # len(key) == len(pages) * page_size (empty for the root)
+        self.pages = pages
+        self.children: dict[tuple[int, ...], RadixNode] = {}
+        self.parent = parent
+        self.ref = 0  # locks on this node or on any descendant
+        self.last_access = last_access
+        self.dead = False  # set once evicted / dropped by reset
+
+    def __repr__(self) -> str:
+        return f"RadixNode(pages={self.pages}, ref={self.ref}, children={len(self.children)})"
+
+
+@dataclass
+class MatchResult:
+    pages: list[int] = field(default_factory=list)  # tree-owned page ids of the matched prefix
+    num_tokens: int = 0  # len(pages) * page_size
+    node: Optional[RadixNode] = None  # deepest matched node (the root when nothing matched)
+
+
+@dataclass
+class InsertResult:
+    duplicate_pages: list[int] = field(default_factory=list)  # caller's pages the tree did not take
+    node: Optional[RadixNode] = None  # node whose path spells exactly the inserted key
+
+
+class RadixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.allocator = allocator
+        self.page_size = page_size
+        self._clock = 0
+        self._seq = itertools.count()
+        self._init_tree()
+
+    def _init_tree(self) -> None:
+        self.root = RadixNode((), [], None, 0)
+        self._total_pages = 0
+        self._locked_pages = 0
+        self._num_nodes = 0  # excluding the root
+        # (last_access, seq, node) for evictable leaves; stale entries are skipped on pop.
+        self._heap: list[tuple[int, int, RadixNode]] = []
+
+    # --- sizes ------------------------------------------------------------------------
+    @property
+    def total_pages(self) -> int:
+        """Pages held by the tree."""
+        return self._total_pages
+
+    cached_pages = total_pages
+
+    @property
+    def locked_pages(self) -> int:
+        return self._locked_pages
+
+    @property
+    def evictable_pages(self) -> int:
+        """Pages in unlocked nodes: what evict() frees when asked for everything."""
+        return self._total_pages - self._locked_pages
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    # --- lookup -------------------------------------------------------------------------
+    def match_prefix(self, token_ids: list[int]) -> MatchResult:
+        """Longest cached prefix of token_ids made of whole pages.
+
+        A match that ends inside an edge splits that edge so that the returned node spells
+        exactly the matched prefix (and can be locked on its own).
+        """
+        ps = self.page_size
+        n = len(token_ids) // ps
+        self._clock += 1
+        node, i, pages = self.root, 0, []
+        while i < n:
+            child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
+            if child is None:
+                break
+            m = self._common_pages(child, token_ids, i, n)
+            if m < len(child.pages):
+                child = self._split(child, m)
+            pages.extend(child.pages)
+            self._touch(child)
+            node, i = child, i + m
+        return MatchResult(pages, len(pages) * ps, node)
+
+    def insert(self, token_ids: list[int], pages: list[int]) -> InsertResult:
+        """Cache `pages` as the K/V of `token_ids` (whole pages only).
+
+        Returns the caller's pages for the already-cached part of the key: the caller still
+        owns them and must free them.
+        """
+        ps = self.page_size
+        if len(token_ids) != len(pages) * ps:
+            raise ValueError(
+                f"insert needs len(token_ids) == len(pages) * page_size, got {len(token_ids)} tokens, "
+                f"{len(pages)} pages, page_size {ps}"
+            )
+        n = len(pages)
+        self._clock += 1
+        node, i = self.root, 0
+        duplicates: list[int] = []
+        while i < n:
+            first = tuple(token_ids[i * ps : (i + 1) * ps])
+            child = node.children.get(first)
+            if child is None:
+                leaf = RadixNode(tuple(token_ids[i * ps : n * ps]), list(pages[i:]), node, self._clock)
+                node.children[first] = leaf
+                self._total_pages += n - i
+                self._num_nodes += 1
+                self._push(leaf)
+                return InsertResult(duplicates, leaf)
+            m = self._common_pages(child, token_ids, i, n)
+            if m < len(child.pages):
+                child = self._split(child, m)
+            duplicates.extend(p for p, q in zip(pages[i : i + m], child.pages) if p != q)
+            self._touch(child)
+            node, i = child, i + m
+        return InsertResult(duplicates, node)
+
+    # --- locking --------------------------------------------------------------------------
+    def lock(self, node: Optional[RadixNode]) -> None:
+        """Pin node and its ancestors against eviction. The root / None is a no-op."""
+        if node is None or node is self.root:
+            return
+        if node.dead:
+            raise RuntimeError("lock of a radix node that was already evicted")
+        while node is not self.root:
+            if node.ref == 0:
+                self._locked_pages += len(node.pages)
+            node.ref += 1
+            node = node.parent
+
+    def unlock(self, node: Optional[RadixNode]) -> None:
+        if node is None or node is self.root:
+            return
+        if node.dead or node.ref <= 0:
+            raise RuntimeError(f"unlock of a radix node that is not locked: {node!r}")
+        while node is not self.root:
+            node.ref -= 1
+            if node.ref == 0:
+                self._locked_pages -= len(node.pages)
+                if not node.children:
+                    self._push(node)
+            node = node.parent
+
+    # --- eviction -----------------------------------------------------------------------------
+    def evict(self, num_pages: int) -> int:
+        """Free at least num_pages pages (fewer if not enough are evictable); returns pages freed.
+
+        Removes unlocked leaves, least recently used first; a whole leaf goes even when that
+        frees more than asked.
+        """
+        freed = 0
+        while freed < num_pages and self._heap:
+            access, _, node = heapq.heappop(self._heap)
+            if not self._evictable_leaf(node) or access != node.last_access:
+                continue  # stale entry
+            parent = node.parent
+            del parent.children[node.key[: self.page_size]]
+            self.allocator.free(node.pages)
+            freed += len(node.pages)
+            self._total_pages -= len(node.pages)
+            self._num_nodes -= 1
+            node.dead = True
+            node.parent = None
+            if parent is not self.root and self._evictable_leaf(parent):
+                self._push(parent)
+        return freed
+
+    def reset(self) -> None:
+        """Drop the whole tree, freeing its pages. No node may be locked."""
+        if self._locked_pages:
+            raise RuntimeError(f"reset of the radix cache while {self._locked_pages} pages are locked")
+        pages: list[int] = []
+        for node in self._iter_nodes():
+            pages.extend(node.pages)
+            node.dead = True
+        self.allocator.free(pages)
+        self._init_tree()
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _iter_nodes(self) -> Iterator[RadixNode]:
+        """Every node but the root."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def _common_pages(self, child: RadixNode, token_ids: list[int], i: int, n: int) -> int:
+        """Whole pages shared by child's edge and token_ids[i*ps : n*ps] (the first one is known to match)."""
+        ps = self.page_size
+        span = min(len(child.pages), n - i) * ps
+        seg = token_ids[i * ps : i * ps + span]
+        key = child.key
+        if key[:span] == tuple(seg):
+            return span // ps  # common case: the whole (overlapping) edge matches
+        j = ps
+        while key[j] == seg[j]:
+            j += 1
+        return j // ps
+
+    def _split(self, node: RadixNode, m: int) -> RadixNode:
+        """Cut node's edge after m pages; returns the new upper node (node keeps the rest)."""
+        ps = self.page_size
+        upper = RadixNode(node.key[: m * ps], node.pages[:m], node.parent, node.last_access)
+        upper.ref = node.ref  # every lock through node passes through upper too
+        node.parent.children[upper.key[:ps]] = upper
+        node.key, node.pages = node.key[m * ps :], node.pages[m:]
+        node.parent = upper
+        upper.children[node.key[:ps]] = node
+        self._num_nodes += 1
+        return upper
+
+    def _touch(self, node: RadixNode) -> None:
+        node.last_access = self._clock
+        if self._evictable_leaf(node):
+            self._push(node)
+
+    def _evictable_leaf(self, node: RadixNode) -> bool:
+        return not node.dead and not node.children and node.ref == 0 and node is not self.root
+
+    def _push(self, node: RadixNode) -> None:
+        heapq.heappush(self._heap, (node.last_access, next(self._seq), node))
+        if len(self._heap) > 2 * self._num_nodes + 64:
+            self._heap = [(n.last_access, next(self._seq), n) for n in self._iter_nodes() if self._evictable_leaf(n)]
+            heapq.heapify(self._heap)
