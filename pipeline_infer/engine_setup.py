@@ -59,6 +59,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         )
     context = cfg.context_length or model_context
 
+    max_running = cfg.max_running_requests or (256 if device.type == "cuda" else 64)
     backend = cfg.attention_backend or _default_backend(device)
     if backend != "torch" and device.type != "cuda":
         raise ValueError(f"attention_backend={backend!r} needs a CUDA device; on the CPU use 'torch'")
@@ -73,6 +74,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         attention_backend=backend,
         eos_token_ids=eos,
         max_context=context,
+        cuda_graph_max_bs=0 if cfg.disable_cuda_graph else min(cfg.cuda_graph_max_bs, max_running),
     )
     # A lone sequence must always fit in the pool, so the pool also caps the context.
     context = min(context, runner.capacity_tokens)
@@ -80,7 +82,6 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     prefix_cache = None
     if not cfg.disable_radix_cache:
         prefix_cache = _prefix_cache(runner, cfg)
-    max_running = cfg.max_running_requests or (256 if device.type == "cuda" else 64)
     scheduler = Scheduler(
         runner.kv_pool.allocator,
         page_size=cfg.page_size,

@@ -38,6 +38,7 @@ class ModelRunner:
         attention_backend: str,
         eos_token_ids: set[int],
         max_context: int,
+        cuda_graph_max_bs: int = 0,
     ):
         self.model = model
         self.hf_config = hf_config
@@ -56,6 +57,12 @@ class ModelRunner:
         )
         self.attn_backend = self._make_backend(attention_backend)
         self.sampler = Sampler()
+        self.graph_runner = None
+        if cuda_graph_max_bs > 0 and device.type == "cuda" and hasattr(self.attn_backend, "graph_decode_metadata"):
+            from pipeline_infer.cuda_graph import CudaGraphRunner
+
+            context = min(max_context, self.capacity_tokens)
+            self.graph_runner = CudaGraphRunner(self, cuda_graph_max_bs, context)
         logger.info(
             "KV pool: %d pages of %d tokens (%d tokens), backend %s",
             num_pages, page_size, (num_pages - 1) * page_size, attention_backend,
@@ -136,12 +143,15 @@ class ModelRunner:
     def run(self, batch: "ScheduledBatch") -> list[int | None]:
         """Run one step; the sampled token for each chunk that samples, None for the others."""
         fb = self.build_forward_batch(batch)
-        self.attn_backend.plan(fb)
-        hidden = self.model(fb)
         sampling = [c for c in batch.chunks if c.samples]
-        if not sampling:
-            return [None] * len(batch.chunks)
-        logits = self.model.compute_logits(hidden[fb.logits_indices])
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+            logits = self.graph_runner.replay(fb)  # a decode batch: every row samples
+        else:
+            self.attn_backend.plan(fb)
+            hidden = self.model(fb)
+            if not sampling:
+                return [None] * len(batch.chunks)
+            logits = self.model.compute_logits(hidden[fb.logits_indices])
         info = SamplingBatchInfo.build(
             params=[c.req.params for c in sampling],
             prompt_ids=[c.req.prompt_ids for c in sampling],
@@ -157,8 +167,13 @@ class ModelRunner:
 
     def release(self) -> None:
         """Drop the model and the KV tensors so their memory can go back."""
+        self.graph_runner = None  # graphs hold their own memory pool
         self.model = None
         self.kv_pool = None
         self.attn_backend = None
         if self.device.type == "cuda":
+            import gc
+
+            gc.collect()  # break reference cycles that still pin CUDA tensors
+            torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()

@@ -55,10 +55,13 @@ class Request:
     # KV state (owned by the scheduler)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
-    num_shared_pages: int = 0  # leading pages owned by the prefix cache (from a match)
+    # Leading pages owned by the prefix cache: from the match at admission, then also the pages
+    # this request computed and handed to the tree after each prefill chunk. Never freed by it.
+    num_shared_pages: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache at admission
-    prefix_node: Any = None  # radix node locked while this request runs
+    prefix_node: Any = None  # radix node spelling pages[:num_shared_pages], locked while it runs
     num_retractions: int = 0
+    queue_seq: int = -1  # submission order to the scheduler (kept across retractions): its age
 
     # output state (owned by the engine core)
     output_text: str = ""  # text released to the user so far

@@ -3,19 +3,68 @@
 Each step mixes the decodes of every running request with prefill chunks (of requests
 already running, then of newly admitted ones) bounded by `chunked_prefill_size` tokens.
 
-Memory policy:
+Page ownership
+--------------
+Every page of the pool is, at all times, exactly one of: free (in the allocator); owned by
+the prefix cache (a radix-tree node holds it); or owned by exactly one running request. A
+request's `pages[:num_shared_pages]` are tree pages it reads under a lock on `prefix_node`
+(the node that spells exactly those pages); `pages[num_shared_pages:]` are its own. Waiting
+requests hold no pages. Pages move between the three states only here:
+- admission: a match lends tree pages (locked), the rest are allocated (evicting unlocked
+  tree leaves if needed);
+- after each committed prefill chunk, the request's computed whole pages are inserted into
+  the tree (`_share_computed`): the tree takes the pages it did not have, the request swaps
+  any duplicate for the tree's copy and frees its own, and moves its lock to the new node. A
+  request admitted later then finds the prompt cached while the first one is still decoding;
+- finish, abort or retraction (`_release`): whole computed pages go to the tree, the rest
+  (and duplicates) are freed, the lock is dropped.
+
+Memory policy
+-------------
 - A request is admitted only when free pages (plus pages the prefix cache could evict)
   cover its uncached prompt plus a decode reserve, after the reserves of the running
   requests are set aside. The reserve is `new_token_ratio` times the tokens a request may
   still generate; the ratio decays while memory suffices and jumps after a retraction, so
   retraction stays rare without leaving the pool idle.
-- When a decode still finds no free page, the scheduler retracts running requests (their
-  KV goes to the prefix cache where there is one) and re-queues them at the front: they
-  resume later by recomputing (or re-matching) their tokens, so nothing is lost or repeated.
+- When a decode still finds no free page, the scheduler retracts running requests, newest
+  first (`_pick_retraction` says why). Their KV goes to the prefix cache where there is
+  one, and they are re-queued at the front in age order: they resume later by re-matching
+  (or recomputing) their tokens, so nothing is lost or repeated. No request is admitted in
+  a step that retracted one.
+
+Scheduling policies (`schedule_policy`)
+---------------------------------------
+All three share two rules. Retracted requests go first, oldest first (they were running;
+resuming them first bounds their delay and stops newer work from starving them). And, with
+the prefix cache on, a waiting request whose uncached prefix is being prefilled right now by
+another request (admitted earlier, or earlier in this step) waits for that prefill to land in
+the tree instead of computing the same tokens alongside it ("in-flight prefix sharing",
+`_held`): of n samples of one prompt (`n > 1`), or of many prompts sharing a system
+prompt, one prefills and the others reuse its pages one step later.
+
+- "fcfs": arrival order. Admission stops at the first request that does not fit in memory
+  (head-of-line), so no request is overtaken for long: predictable latency, no starvation.
+  The serving-style default.
+- "lpm": longest cached prefix first (ties in arrival order) among the first
+  `_POLICY_WINDOW` waiting requests, the rest after them in arrival order. Maximises cache
+  hits when the cache holds a mix of prefixes (e.g. multi-turn or agent workloads); a
+  request with no cached prefix can wait behind a stream of cached ones. Head-of-line like
+  fcfs. Without a prefix cache it is fcfs.
+- "batch": for offline batch jobs, where only total throughput matters. Waiting requests
+  (first `_POLICY_WINDOW`) are grouped by their leading `_GROUP_KEY_TOKENS` tokens, groups
+  ordered by their longest cached prefix, then first arrival; members by cached prefix, then
+  arrival. So a group whose prefix is cached runs together while the prefix stays in the tree
+  (instead of every group's prefix competing for the pool), and with in-flight sharing one
+  member of each uncached group prefills the prefix before its siblings follow. Then lengths
+  are packed: requests whose uncached prompt fits whole in the step's remaining token budget
+  go first, and one that would need chunking only takes what budget is left; a request that
+  does not fit in memory is skipped (up to `_PACK_LOOKAHEAD` of them) for smaller ones behind
+  it instead of blocking the queue. The policy recommended for `generate` over a batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -29,12 +78,22 @@ logger = logging.getLogger(__name__)
 # Reserve decode room for at most this many future tokens per request: beyond it the
 # estimate is noise, and a huge max_new_tokens must not block admission on its own.
 _RESERVE_CLIP_TOKENS = 4096
+# lpm / batch order at most this many waiting requests per step (each costs a tree probe).
+_POLICY_WINDOW = 1024
+# batch: requests whose first tokens agree form a group.
+_GROUP_KEY_TOKENS = 64
+# batch: requests skipped for lack of memory before admission gives up for this step.
+_PACK_LOOKAHEAD = 64
+# A shared in-flight prefix shorter than this is not worth a step's wait (unless it is all the
+# waiting request would compute from whole pages, as for the samples of one short prompt).
+_HOLD_MIN_TOKENS = 32
 
 
 class PrefixCache(Protocol):
     """What the scheduler needs from cache/radix.py (kept abstract so it stays testable)."""
 
     def match_prefix(self, token_ids: list[int]) -> Any: ...
+    def match_len(self, token_ids: list[int]) -> int: ...
     def insert(self, token_ids: list[int], pages: list[int]) -> Any: ...
     def lock(self, node: Any) -> None: ...
     def unlock(self, node: Any) -> None: ...
@@ -49,6 +108,7 @@ class ScheduledChunk:
     start: int  # tokens of req already in the KV cache (the chunk's prefix length)
     length: int  # tokens fed this step: req.token_ids[start : start + length]
     samples: bool  # the chunk reaches the end of req.token_ids: sample the next token
+    prefill: bool = True  # False for a decode step of a request past its prefill
 
     @property
     def is_decode(self) -> bool:
@@ -64,6 +124,94 @@ class ScheduledBatch:
         return sum(c.length for c in self.chunks)
 
 
+class _TrieNode:
+    __slots__ = ("key", "children", "count")
+
+    def __init__(self, key: tuple[int, ...], count: int):
+        self.key = key  # the edge's tokens (empty for the root)
+        self.children: dict[int, _TrieNode] = {}  # by the first token of their edge
+        self.count = count  # sequences whose path runs through this node
+
+
+class _InFlight:
+    """The token sequences of requests still prefilling: a compressed trie with counts.
+
+    Kept up to date as requests are admitted and finish their prefill (not rebuilt per step):
+    `add`/`remove` and `shared` cost one dict lookup and one slice comparison per edge.
+    `shared(ids)` is the longest prefix of ids that some in-flight prefill covers, in tokens.
+    """
+
+    def __init__(self):
+        self.root = _TrieNode((), 0)
+        self.members: dict[int, tuple[Request, int]] = {}  # id(req) -> (req, tokens added)
+
+    def __contains__(self, req: Request) -> bool:
+        return id(req) in self.members
+
+    def add(self, req: Request) -> None:
+        n = req.num_tokens
+        self.members[id(req)] = (req, n)
+        ids, node, i = req.token_ids, self.root, 0
+        node.count += 1
+        while i < n:
+            child = node.children.get(ids[i])
+            if child is None:
+                node.children[ids[i]] = _TrieNode(tuple(ids[i:n]), 1)
+                return
+            m = _common(child.key, ids, i, n)
+            if m < len(child.key):  # split: `upper` takes the common part
+                upper = _TrieNode(child.key[:m], child.count)
+                child.key = child.key[m:]
+                upper.children[child.key[0]] = child
+                node.children[ids[i]] = upper
+                child = upper
+            child.count += 1
+            node, i = child, i + m
+
+    def remove(self, req: Request) -> None:
+        entry = self.members.pop(id(req), None)
+        if entry is None:
+            return
+        _, n = entry
+        ids, node, i = req.token_ids, self.root, 0
+        node.count -= 1
+        while i < n:  # every added sequence ends on a node boundary
+            child = node.children[ids[i]]
+            child.count -= 1
+            if child.count == 0:
+                del node.children[ids[i]]
+                return
+            node, i = child, i + len(child.key)
+
+    def shared(self, ids: list[int]) -> int:
+        node, i, n = self.root, 0, len(ids)
+        while i < n:
+            child = node.children.get(ids[i])
+            if child is None:
+                break
+            m = _common(child.key, ids, i, n)
+            i += m
+            if m < len(child.key):
+                break
+            node = child
+        return i
+
+
+def _common(key: tuple[int, ...], ids: list[int], i: int, n: int) -> int:
+    """Length of the common prefix of key and ids[i:n] (key[0] == ids[i] is known)."""
+    span = min(len(key), n - i)
+    if key[:span] == tuple(ids[i : i + span]):
+        return span
+    lo, hi = 1, span - 1  # key[:lo] matches; key[:hi + 1] does not
+    while lo < hi:  # binary search with C-speed slice comparisons
+        mid = (lo + hi + 1) // 2
+        if key[lo:mid] == tuple(ids[i + lo : i + mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class Scheduler:
     def __init__(
         self,
@@ -75,6 +223,8 @@ class Scheduler:
         conservativeness: float = 1.0,
         prefix_cache: PrefixCache | None = None,
     ):
+        if schedule_policy not in ("fcfs", "lpm", "batch"):
+            raise ValueError(f"schedule_policy must be 'fcfs', 'lpm' or 'batch', got {schedule_policy!r}")
         self.allocator = allocator
         self.page_size = page_size
         self.max_running_requests = max_running_requests
@@ -88,10 +238,18 @@ class Scheduler:
         self.new_token_ratio = self.init_new_token_ratio
         self.ratio_decay = 0.002
         self.num_retractions = 0
+        self.num_held = 0  # admission attempts deferred to share an in-flight prefill (a statistic)
+        self._seq = itertools.count()
+        self._group_recency: dict[tuple[int, ...], int] = {}  # batch: group key -> last admission
+        # Requests still prefilling, for in-flight prefix sharing (only with a prefix cache).
+        self._inflight = _InFlight() if prefix_cache is not None else None
+        self._num_admitted = 0
 
     # --- queue management --------------------------------------------------------
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
+        if req.queue_seq < 0:
+            req.queue_seq = next(self._seq)
         self.waiting.append(req)
 
     def abort(self, rid: str) -> Request | None:
@@ -117,10 +275,11 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         chunks: list[ScheduledChunk] = []
+        retractions = self.num_retractions
         decodes = [r for r in self.running if r.num_computed == r.num_tokens - 1]
         decodes = self._ensure_decode_pages(decodes)
         for req in decodes:
-            chunks.append(ScheduledChunk(req, req.num_computed, 1, True))
+            chunks.append(ScheduledChunk(req, req.num_computed, 1, True, prefill=False))
 
         budget = self.chunked_prefill_size
         # Requests admitted earlier whose prompts are still being prefilled, oldest first.
@@ -131,7 +290,9 @@ class Scheduler:
                 chunk = self._prefill_chunk(req, budget)
                 chunks.append(chunk)
                 budget -= chunk.length
-        if budget > 0 and self.waiting:
+        # A step that had to retract is short of memory: admitting now would only invite the
+        # next retraction (and could re-admit the request just retracted).
+        if budget > 0 and self.waiting and self.num_retractions == retractions:
             for req in self._admit(budget):
                 chunk = self._prefill_chunk(req, budget)
                 chunks.append(chunk)
@@ -146,11 +307,15 @@ class Scheduler:
         updated: list[Request] = []
         for chunk, token in zip(batch.chunks, next_tokens):
             req = chunk.req
-            if req.is_finished:  # aborted while the step ran
+            if req.status is not RequestStatus.RUNNING:  # aborted while the step ran
                 continue
             req.num_computed = chunk.start + chunk.length
+            if chunk.prefill:
+                self._share_computed(req)
             if not chunk.samples:
                 continue
+            if self._inflight is not None:
+                self._inflight.remove(req)  # prefill done (a no-op for decodes)
             assert token is not None
             req.append_token(token)
             updated.append(req)
@@ -161,41 +326,135 @@ class Scheduler:
 
     # --- admission -----------------------------------------------------------------
     def _admit(self, budget: int) -> list[Request]:
-        admitted: list[Request] = []
+        if len(self.running) >= self.max_running_requests:
+            return []
         reserved = sum(self._future_pages(r) for r in self.running)
-        for req in self._ordered_waiting():
+        if self.allocator.num_free + self._evictable() - reserved < 1:
+            return []  # every admission needs a page for at least its last prompt token
+        batch_policy = self.schedule_policy == "batch"
+        cached: dict[int, int] = {}  # id(req) -> cached prefix length, probed once per step
+        admitted: list[Request] = []
+        deferred: list[Request] = []  # batch: would need chunking; gets what budget is left
+        misses = 0
+        for req in self._ordered_waiting(cached):
             if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
-            matched_pages, matched_tokens, node = self._match(req)
-            # Lock the match before anything can evict: the allocation below may evict.
-            if node is not None:
-                self.prefix_cache.lock(node)
-            need = self._pages_for(req.num_tokens) - len(matched_pages) + self._reserve_pages(req)
-            available = self.allocator.num_free + self._evictable() - reserved
-            new_pages = None
-            if need <= available:
-                new_pages = self._alloc(self._pages_for(req.num_tokens) - len(matched_pages))
-            if new_pages is None:
-                if node is not None:
-                    self.prefix_cache.unlock(node)
-                break  # head-of-line: keep arrival order fair rather than starve long prompts
-            req.prefix_node = node
-            req.pages = list(matched_pages) + new_pages
-            req.num_shared_pages = len(matched_pages)
-            req.num_computed = matched_tokens
-            if req.num_retractions == 0:
-                req.cached_tokens = matched_tokens
-            req.status = RequestStatus.RUNNING
-            self.waiting.remove(req)
-            self.running.append(req)
+            if self._held(req, cached):
+                self.num_held += 1
+                continue
+            if batch_policy and not req.num_retractions and req.num_tokens - self._cached_len(req, cached) > budget:
+                deferred.append(req)
+                continue
+            ok, reserved = self._try_admit(req, reserved)
+            if not ok:
+                # fcfs / lpm: head-of-line, so arrival order stays fair and long prompts are not
+                # starved. batch: look past it for requests that fit, but never past a retracted
+                # request (it must resume before newer work takes its memory again).
+                misses += 1
+                if not batch_policy or req.num_retractions or misses > _PACK_LOOKAHEAD:
+                    break
+                continue
             admitted.append(req)
-            reserved += self._future_pages(req)
+            budget -= min(budget, req.num_tokens - req.num_computed)
+        for req in deferred:
+            if budget <= 0 or len(self.running) >= self.max_running_requests:
+                break
+            ok, reserved = self._try_admit(req, reserved)
+            if not ok:
+                break
+            admitted.append(req)
             budget -= min(budget, req.num_tokens - req.num_computed)
         return admitted
 
-    def _ordered_waiting(self) -> list[Request]:
-        # fcfs for now; lpm / batch policies order this list (see schedule_policy docs).
-        return list(self.waiting)
+    def _try_admit(self, req: Request, reserved: int) -> tuple[bool, int]:
+        """Admit req if memory allows (its pages allocated, its match locked); (admitted, reserved)."""
+        matched_pages, matched_tokens, node = self._match(req)
+        # Lock the match before anything can evict: the allocation below may evict.
+        if node is not None:
+            self.prefix_cache.lock(node)
+        new = self._pages_for(req.num_tokens) - len(matched_pages)
+        need = new + self._reserve_pages(req)
+        available = self.allocator.num_free + self._evictable() - reserved
+        new_pages = self._alloc(new) if need <= available else None
+        if new_pages is None:
+            if node is not None:
+                self.prefix_cache.unlock(node)
+            return False, reserved
+        req.prefix_node = node
+        req.pages = list(matched_pages) + new_pages
+        req.num_shared_pages = len(matched_pages)
+        req.num_computed = matched_tokens
+        if req.num_retractions == 0:
+            req.cached_tokens = matched_tokens
+        req.status = RequestStatus.RUNNING
+        self.waiting.remove(req)
+        self.running.append(req)
+        if self._inflight is not None:
+            self._inflight.add(req)  # its prefill is in flight until its sampling chunk lands
+        self._num_admitted += 1
+        if self.schedule_policy == "batch":
+            if len(self._group_recency) > 4 * _POLICY_WINDOW:
+                self._group_recency.clear()  # bounded; only the recent groups matter
+            self._group_recency[tuple(req.token_ids[:_GROUP_KEY_TOKENS])] = self._num_admitted
+        return True, reserved + self._future_pages(req)
+
+    def _ordered_waiting(self, cached: dict[int, int]) -> list[Request]:
+        """Waiting requests in the order admission tries them (see the module docstring).
+
+        Retracted requests sit at the front of `waiting`, oldest first (`_retract` keeps them
+        so); every policy tries them first.
+        """
+        policy = self.schedule_policy
+        if policy == "fcfs" or (policy == "lpm" and self.prefix_cache is None):
+            return list(self.waiting)
+        head = list(itertools.islice(self.waiting, _POLICY_WINDOW))
+        k = 0
+        while k < len(head) and head[k].num_retractions:
+            k += 1
+        resumed, window = head[:k], head[k:]
+        rest = list(itertools.islice(self.waiting, _POLICY_WINDOW, None))
+        for r in window:
+            self._cached_len(r, cached)
+        if policy == "lpm":
+            # sort() is stable: equal cached prefixes keep arrival order.
+            window.sort(key=lambda r: -cached[id(r)])
+        else:
+            groups: dict[tuple[int, ...], list[Request]] = {}
+            for r in window:
+                groups.setdefault(tuple(r.token_ids[:_GROUP_KEY_TOKENS]), []).append(r)
+            recent = self._group_recency
+            # Longest cached prefix first; among equals, the group admitted from most recently
+            # (finish the group in progress while its prefix is hot), then first arrival (dicts
+            # keep insertion order and sorted() is stable).
+            ordered = sorted(
+                groups.items(), key=lambda kv: (-max(cached[id(r)] for r in kv[1]), -recent.get(kv[0], -1))
+            )
+            window = [r for _, g in ordered for r in sorted(g, key=lambda r: -cached[id(r)])]
+        return resumed + window + rest
+
+    def _cached_len(self, req: Request, memo: dict[int, int]) -> int:
+        """Tokens of req's prefix in the tree (whole pages; a side-effect-free probe), memoized."""
+        n = memo.get(id(req))
+        if n is None:
+            n = 0 if self.prefix_cache is None else self.prefix_cache.match_len(req.token_ids[: req.num_tokens - 1])
+            memo[id(req)] = n
+        return n
+
+    def _held(self, req: Request, cached: dict[int, int]) -> bool:
+        """Whether req should wait for an in-flight prefill of its uncached prefix to land in the tree.
+
+        It waits when the prefill in flight covers at least _HOLD_MIN_TOKENS of what req would
+        compute from whole pages, or all of it (the samples of one short prompt).
+        """
+        if self._inflight is None or not self._inflight.members or req.num_retractions:
+            return False  # a resumed request goes first; at worst a few pages are computed twice
+        ps = self.page_size
+        shared = self._inflight.shared(req.token_ids[: req.num_tokens - 1]) // ps * ps
+        if shared == 0:
+            return False
+        in_flight = shared - self._cached_len(req, cached)
+        own = (req.num_tokens - 1) // ps * ps - self._cached_len(req, cached)
+        return in_flight > 0 and in_flight >= min(_HOLD_MIN_TOKENS, own)
 
     def _match(self, req: Request) -> tuple[list[int], int, Any]:
         if self.prefix_cache is None:
@@ -235,10 +494,9 @@ class Scheduler:
     def _ensure_decode_pages(self, decodes: list[Request]) -> list[Request]:
         """Give each decode room for its next token, retracting requests when pages run out."""
         ready: list[Request] = []
-        # Oldest first, so that under pressure the newest requests are the ones retracted.
-        pending = sorted(decodes, key=lambda r: r.arrival_time)
-        while pending:
-            req = pending.pop(0)
+        # Oldest first: the victims (newest first) are then always newer than the request being
+        # served, so no request already given its page this step is retracted afterwards.
+        for req in sorted(decodes, key=lambda r: r.queue_seq):
             if req.status is not RequestStatus.RUNNING:
                 continue  # retracted below to make room for an older request
             if self._pages_for(req.num_computed + 1) <= len(req.pages):
@@ -246,11 +504,15 @@ class Scheduler:
                 continue
             page = self._alloc(1)
             while page is None:
-                victim = self._pick_retraction(exclude=req)
-                if victim is None:
+                victim = self._pick_retraction()
+                if victim is None or (victim is req and len(self.running) == 1):
                     break
                 self._retract(victim)
+                if victim is req:
+                    break
                 page = self._alloc(1)
+            if req.status is not RequestStatus.RUNNING:
+                continue  # it was the newest: it yielded to the older ones
             if page is None:
                 # Alone and still no page: the pool cannot hold this sequence any longer.
                 self.running.remove(req)
@@ -261,13 +523,16 @@ class Scheduler:
             ready.append(req)
         return [r for r in ready if r.status is RequestStatus.RUNNING]
 
-    def _pick_retraction(self, exclude: Request) -> Request | None:
-        # Retract the newest admission: it has made the least progress, so the least work is
-        # redone, and the older requests it yields to finish (and free pages) soonest.
-        candidates = [r for r in self.running if r is not exclude]
-        if not candidates:
+    def _pick_retraction(self) -> Request | None:
+        # Retract the newest request (last submitted; a resumed request keeps its age):
+        # - it has made the least progress, so the least work is lost (and its computed KV
+        #   mostly survives in the prefix cache anyway);
+        # - the older requests it yields to are nearer their end and free their pages soonest;
+        # - the oldest running request is never a victim, so it always makes progress: no
+        #   livelock where requests retract each other forever.
+        if not self.running:
             return None
-        return max(candidates, key=lambda r: r.arrival_time)
+        return max(self.running, key=lambda r: r.queue_seq)
 
     def _retract(self, req: Request) -> None:
         self.running.remove(req)
@@ -275,18 +540,46 @@ class Scheduler:
         req.num_computed = 0
         req.num_retractions += 1
         req.status = RequestStatus.WAITING
-        self.waiting.appendleft(req)
+        # Front of the queue, after retracted requests older than it: they resume oldest first.
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].num_retractions and self.waiting[i].queue_seq < req.queue_seq:
+            i += 1
+        self.waiting.insert(i, req)
         self.num_retractions += 1
         # Admission under-estimated decode growth: reserve more from now on.
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
         logger.debug("retracted %s at %d tokens", req.rid, req.num_tokens)
 
+    def _share_computed(self, req: Request) -> None:
+        """Hand the request's computed whole pages to the prefix cache right after a prefill chunk.
+
+        The tree takes the pages it lacks; where it already had a page (another request inserted
+        the same tokens meanwhile) the request switches to the tree's page and frees its own.
+        The request then reads all of pages[:full] as shared pages under a lock on the node
+        spelling them, which replaces its previous lock.
+        """
+        if self.prefix_cache is None:
+            return
+        full = min(req.num_computed // self.page_size, len(req.pages))
+        if full <= req.num_shared_pages:
+            return
+        result = self.prefix_cache.insert(req.token_ids[: full * self.page_size], req.pages[:full])
+        self.prefix_cache.lock(result.node)  # before the unlock: the shared part stays pinned
+        if req.prefix_node is not None:
+            self.prefix_cache.unlock(req.prefix_node)
+        req.prefix_node = result.node
+        req.pages[:full] = result.pages
+        req.num_shared_pages = full
+        # Duplicates were the request's own pages (never the tree's): no one else has them.
+        self.allocator.free(result.duplicate_pages)
+
     def _release(self, req: Request, cache_kv: bool) -> None:
         """Return a request's pages: whole computed pages to the prefix cache, the rest freed.
 
-        The first `num_shared_pages` pages came from a prefix match: they belong to the tree
-        and are never freed here.
+        The first `num_shared_pages` pages belong to the tree and are never freed here.
         """
+        if self._inflight is not None:
+            self._inflight.remove(req)
         pages, req.pages = req.pages, []
         shared, req.num_shared_pages = req.num_shared_pages, 0
         if self.prefix_cache is not None and req.prefix_node is not None:
@@ -295,8 +588,7 @@ class Scheduler:
         if self.prefix_cache is None or not cache_kv:
             self.allocator.free(pages[shared:])
             return
-        full = min(req.num_computed // self.page_size, len(pages))
+        full = max(shared, min(req.num_computed // self.page_size, len(pages)))
         result = self.prefix_cache.insert(req.token_ids[: full * self.page_size], pages[:full])
-        tree_owned = set(pages[:shared])
-        duplicates = [p for p in result.duplicate_pages if p not in tree_owned]
-        self.allocator.free(duplicates + pages[full:])
+        # insert never reports the tree's own pages (pages[:shared]) as duplicates.
+        self.allocator.free(result.duplicate_pages + pages[full:])

@@ -48,6 +48,16 @@ def tree_map(cache: RadixCache) -> dict[tuple[int, ...], int]:
     return out
 
 
+def path_of(cache: RadixCache, node) -> tuple[tuple[int, ...], list[int]]:
+    """(tokens, pages) spelled by the path from the root to node."""
+    key: tuple[int, ...] = ()
+    pages: list[int] = []
+    while node is not cache.root:
+        key, pages = node.key + key, node.pages + pages
+        node = node.parent
+    return key, pages
+
+
 def check_conservation(cache: RadixCache) -> None:
     alloc = cache.allocator
     held = tree_pages(cache)
@@ -192,30 +202,49 @@ def test_lru_order():
     put(cache, [2, 2])
     put(cache, [3, 3])
     cache.match_prefix([1, 1])  # [1, 1] is now the most recent; [2, 2] the oldest
-    assert cache.evict(1) == 2
+    assert cache.evict(2) == 2
     assert cache.match_prefix([2, 2]).pages == []
     assert cache.match_prefix([1, 1]).num_tokens == 2
     assert cache.match_prefix([3, 3]).num_tokens == 2
     # [3, 3] was matched last: [1, 1] goes first now.
-    assert cache.evict(1) == 2
+    assert cache.evict(2) == 2
     assert cache.match_prefix([1, 1]).pages == []
     assert cache.match_prefix([3, 3]).num_tokens == 2
     check_conservation(cache)
 
 
-def test_evict_leaf_then_parent_and_frees_to_allocator():
+def test_evict_trims_leaf_tail_then_parent_and_frees_to_allocator():
     alloc, cache = make(num_pages=10)
-    put(cache, [1, 2, 3, 4])
+    p = put(cache, [1, 2, 3, 4])
     put(cache, [1, 2, 5])
     cache.match_prefix([1, 2, 5])  # [3, 4] leaf is older
     assert alloc.num_free == 10 - 5
-    assert cache.evict(1) == 2  # a whole leaf, even beyond the request
-    assert alloc.num_free == 10 - 3
+    assert cache.evict(1) == 1  # only the leaf's last page: [1, 2, 3] stays cached
+    assert alloc.is_free(p[3]) and alloc.num_free == 10 - 4
+    assert cache.match_prefix([1, 2, 3, 4]).pages == p[:3]
+    check_conservation(cache)
+    cache.match_prefix([1, 2, 5])  # [3] is the LRU leaf again
+    assert cache.evict(2) == 2  # [3] whole, then one page of the next LRU leaf [5]
     assert cache.match_prefix([1, 2, 3]).num_tokens == 2
-    # [5] then its parent [1, 2] (now an unlocked leaf).
-    assert cache.evict(3) == 3
+    assert cache.match_prefix([1, 2, 5]).num_tokens == 2
+    # [1, 2] is an unlocked leaf now.
+    assert cache.evict(3) == 2
     assert alloc.num_free == 10 and cache.total_pages == 0 and cache.num_nodes == 0
     check_conservation(cache)
+
+
+def test_evict_trim_keeps_locked_prefix_and_page_size():
+    alloc, cache = make(num_pages=16, page_size=4)
+    key = list(range(100, 124))  # 6 pages
+    pages = put(cache, key)
+    m = cache.match_prefix(key[:8])  # splits: [2 pages] locked, [4 pages] leaf
+    cache.lock(m.node)
+    assert cache.evict(3) == 3
+    assert cache.match_prefix(key).pages == pages[:3]
+    assert cache.evict(10) == 1  # the locked two pages stay
+    assert cache.match_prefix(key).pages == pages[:2]
+    check_conservation(cache)
+    cache.unlock(m.node)
 
 
 def test_evictable_pages_tracks_lock_unlock():
@@ -264,7 +293,7 @@ def test_many_touches_keep_heap_bounded():
     for _ in range(1000):
         cache.match_prefix([1, 2])
     assert len(cache._heap) < 100
-    assert cache.evict(1) == 2
+    assert cache.evict(2) == 2
 
 
 # --- stateful check against a reference model ---------------------------------------------------
@@ -353,7 +382,18 @@ class RadixModel(RuleBasedStateMachine):
             else:
                 self.model[p] = [page, self.clock]
         assert res.duplicate_pages == expected_dups
+        # The tree's pages for the whole key, and the node that spells exactly the key.
+        assert res.pages == [self.model[p][0] for p in self._prefixes(tokens, n)]
+        assert path_of(self.cache, res.node) == (tuple(tokens), res.pages)
         self.alloc.free(res.duplicate_pages)
+
+    @rule(data=st.data())
+    def match_len(self, data):
+        """The side-effect-free probe agrees with the model and changes neither the tree nor LRU."""
+        tokens = self._tokens(data, 6)
+        before = (tree_map(self.cache), self.cache.num_nodes, self.cache._clock)
+        assert self.cache.match_len(tokens) == self._model_match(tokens) * self.ps
+        assert (tree_map(self.cache), self.cache.num_nodes, self.cache._clock) == before
 
     @rule(data=st.data())
     def extend_matched(self, data):

@@ -185,3 +185,422 @@ def test_long_prompt_is_chunked():
     run_all(sched, runner)
     assert r.output_ids == expected_output(list(range(1, 101)), 4)
     assert runner.steps >= 100 // 16 + 3
+
+
+# --- prefix sharing, policies and preemption with the radix cache ---------------------------------
+
+from pipeline_infer.cache.radix import RadixCache  # noqa: E402
+from pipeline_infer.request import RequestStatus  # noqa: E402
+
+
+def check_ownership(sched: Scheduler) -> None:
+    """Every page is free, owned by the tree, or owned by exactly one running request; each
+    request's shared pages are exactly the path of the node it locks; lock counts add up."""
+    alloc, cache = sched.allocator, sched.prefix_cache
+    tree: list[int] = []
+    if cache is not None:
+        tree = [p for n in cache._iter_nodes() for p in n.pages]
+    tree_set = set(tree)
+    assert len(tree_set) == len(tree), "a page is held by two tree nodes"
+    owned: list[int] = []
+    expected_ref: dict[int, int] = {}
+    for r in sched.running:
+        assert r.status is RequestStatus.RUNNING
+        shared = r.pages[: r.num_shared_pages]
+        if cache is None:
+            assert r.num_shared_pages == 0
+        else:
+            node, path = r.prefix_node, []
+            assert node is not None and not node.dead
+            while node is not cache.root:
+                path = node.pages + path
+                expected_ref[id(node)] = expected_ref.get(id(node), 0) + 1
+                node = node.parent
+            assert path == shared, f"{r.rid}: shared pages are not its locked node's path"
+        owned.extend(r.pages[r.num_shared_pages :])
+        assert len(r.pages) * sched.page_size >= r.num_computed
+    for r in sched.waiting:
+        assert r.status is RequestStatus.WAITING
+        assert r.pages == [] and r.num_shared_pages == 0 and r.prefix_node is None
+    assert len(set(owned)) == len(owned), "a page is owned by two requests"
+    assert not tree_set & set(owned), "a page is owned by a request and by the tree"
+    assert not any(alloc.is_free(p) for p in tree + owned), "a page in use is also free"
+    assert alloc.num_free + len(tree) + len(owned) == alloc.capacity, "pages leaked"
+    if cache is not None:
+        for n in cache._iter_nodes():
+            assert n.ref == expected_ref.get(id(n), 0), "lock counts do not match the running requests"
+        ids = [r.rid for r in list(sched.waiting) + sched.running]
+        assert len(ids) == len(set(ids)), "a request is queued twice"
+
+
+def run_checked(sched: Scheduler, runner: FakeRunner, max_steps: int = 20_000, on_step=None) -> int:
+    """run_all, checking page ownership after every step; returns the number of steps."""
+    for step in range(max_steps):
+        batch = sched.schedule()
+        check_ownership(sched)
+        if batch is None:
+            assert not sched.has_work, "work left but nothing schedulable: deadlock"
+            return step
+        sched.commit(batch, runner.run(batch))
+        check_ownership(sched)
+        if on_step is not None:
+            on_step(step, batch)
+    raise AssertionError("did not finish")
+
+
+def radix_sched(page_size: int, num_pages: int, **kw) -> tuple[PageAllocator, RadixCache, Scheduler]:
+    alloc = PageAllocator(num_pages + 1)
+    cache = RadixCache(alloc, page_size)
+    return alloc, cache, Scheduler(alloc, page_size, prefix_cache=cache, **kw)
+
+
+def req(rid: str, prompt: list[int], max_new: int = 8) -> Request:
+    return Request(rid=rid, prompt_ids=prompt, params=SamplingParams(max_new_tokens=max_new, temperature=0.0))
+
+
+def rand_ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1, VOCAB) for _ in range(n)]
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_prompt_is_shared_as_soon_as_its_prefill_lands(page_size):
+    """B arrives while A is still decoding: A's prompt pages are already in the tree for it."""
+    rng = random.Random(1)
+    alloc, cache, sched = radix_sched(page_size, 1024, max_running_requests=8, chunked_prefill_size=256)
+    runner = FakeRunner(page_size)
+    prefix = rand_ids(rng, 50)
+    a = req("a", prefix + rand_ids(rng, 7), max_new=30)
+    sched.add(a)
+    sched.commit(b := sched.schedule(), runner.run(b))  # A's whole prompt in one chunk
+    full = a.prompt_len // page_size
+    assert a.num_shared_pages == full and cache.total_pages == full and cache.locked_pages == full
+    check_ownership(sched)
+    late = req("b", prefix + rand_ids(rng, 9), max_new=5)
+    sched.add(late)
+    sched.commit(b := sched.schedule(), runner.run(b))
+    assert late.status is RequestStatus.RUNNING and a.status is RequestStatus.RUNNING
+    assert late.cached_tokens == 50 // page_size * page_size
+    run_checked(sched, runner)
+    assert a.output_ids == expected_output(a.prompt_ids, 30)
+    assert late.output_ids == expected_output(late.prompt_ids, 5)
+    assert cache.locked_pages == 0 and alloc.num_free + cache.total_pages == alloc.capacity
+
+
+def test_chunked_prefill_shares_each_chunk():
+    """A long prompt prefilled in chunks hands each chunk's whole pages to the tree."""
+    alloc, cache, sched = radix_sched(4, 256, max_running_requests=4, chunked_prefill_size=16)
+    runner = FakeRunner(4)
+    a = req("a", list(range(1, 61)), max_new=3)
+    sched.add(a)
+    seen = []
+    run_checked(sched, runner, on_step=lambda step, b: seen.append((a.num_computed, cache.total_pages)))
+    # After the chunk ending at token 16k, the tree holds 4k pages.
+    assert seen[:3] == [(16, 4), (32, 8), (48, 12)]
+    assert a.output_ids == expected_output(a.prompt_ids, 3)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_concurrent_duplicate_prefill_frees_duplicates_once(page_size):
+    """Two requests prefill the same short prefix in one step (too short to wait for): the
+    second to commit finds it in the tree, switches to the tree's pages and frees its own."""
+    rng = random.Random(2)
+    alloc, cache, sched = radix_sched(page_size, 512, max_running_requests=8, chunked_prefill_size=512)
+    runner = FakeRunner(page_size)
+    x = rand_ids(rng, 16)
+    a, b = req("a", x + rand_ids(rng, 40), 6), req("b", x + rand_ids(rng, 40), 6)
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert {c.req.rid for c in batch.chunks} == {"a", "b"}  # neither waited for the other
+    b_own = list(b.pages[: 16 // page_size])
+    sched.commit(batch, runner.run(batch))
+    check_ownership(sched)
+    assert b.pages[: 16 // page_size] == a.pages[: 16 // page_size]  # b reads the tree's copy now
+    assert all(alloc.is_free(p) for p in b_own)
+    run_checked(sched, runner)
+    assert a.output_ids == expected_output(a.prompt_ids, 6)
+    assert b.output_ids == expected_output(b.prompt_ids, 6)
+
+
+def _groups(rng: random.Random, num_groups: int, per_group: int, prefix_len: int, max_new: int = 6):
+    reqs = []
+    for g in range(num_groups):
+        prefix = rand_ids(rng, prefix_len)
+        for i in range(per_group):
+            reqs.append(req(f"g{g}-{i}", prefix + rand_ids(rng, rng.randint(3, 12)), max_new))
+    rng.shuffle(reqs)
+    return reqs
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lpm", "batch"])
+def test_shared_prefix_groups_hit_cache_under_every_policy(policy):
+    """One member per group prefills the group prefix; the others wait for it and reuse it."""
+    rng = random.Random(3)
+    alloc, cache, sched = radix_sched(
+        4, 4096, max_running_requests=64, chunked_prefill_size=4096, schedule_policy=policy
+    )
+    runner = FakeRunner(4)
+    reqs = _groups(rng, 4, 6, 48)
+    for r in reqs:
+        sched.add(r)
+    first_step = []
+    run_checked(sched, runner, on_step=lambda s, b: s == 0 and first_step.extend(c.req.rid for c in b.chunks))
+    assert sorted(rid.split("-")[0] for rid in first_step) == ["g0", "g1", "g2", "g3"]
+    for g in range(4):
+        members = [r for r in reqs if r.rid.startswith(f"g{g}-")]
+        assert sorted(r.cached_tokens for r in members) == [0] + [48] * 5
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 6), r.rid
+    assert alloc.num_free + cache.total_pages == alloc.capacity
+
+
+def test_n_samples_prefill_the_prompt_once():
+    """The samples of one prompt (n > 1 expands to requests with the same prompt) share it."""
+    alloc, cache, sched = radix_sched(1, 1024, max_running_requests=16, chunked_prefill_size=1024)
+    runner = FakeRunner(1)
+    prompt = list(range(5, 25))  # short: below _HOLD_MIN_TOKENS, still shared in full
+    reqs = [req(f"s{j}", prompt, 4) for j in range(4)]
+    for r in reqs:
+        sched.add(r)
+    prefilled = []
+    run_checked(sched, runner, on_step=lambda s, b: prefilled.extend(c.length for c in b.chunks if c.prefill))
+    assert [r.cached_tokens for r in reqs] == [0, 19, 19, 19]
+    assert sum(prefilled) == 20 + 3 * 1  # one full prefill, then one token each
+    assert all(r.output_ids == expected_output(prompt, 4) for r in reqs)
+
+
+def test_fcfs_admits_in_arrival_order_and_blocks_at_the_head():
+    rng = random.Random(4)
+    alloc, cache, sched = radix_sched(1, 100, max_running_requests=8, chunked_prefill_size=1000)
+    runner = FakeRunner(1)
+    big = req("big", rand_ids(rng, 70), 5)
+    small = req("small", rand_ids(rng, 10), 5)
+    hog = req("hog", rand_ids(rng, 40), 20)
+    for r in (hog, big, small):
+        sched.add(r)
+    batch = sched.schedule()
+    # hog fits; big does not fit next to it, and small must not overtake big.
+    assert [c.req.rid for c in batch.chunks] == ["hog"]
+    run_checked(sched, runner)
+    assert big.output_ids == expected_output(big.prompt_ids, 5)
+
+
+def test_batch_skips_what_does_not_fit_for_what_does():
+    rng = random.Random(4)
+    alloc, cache, sched = radix_sched(
+        1, 100, max_running_requests=8, chunked_prefill_size=1000, schedule_policy="batch"
+    )
+    runner = FakeRunner(1)
+    hog, big, small = req("hog", rand_ids(rng, 40), 20), req("big", rand_ids(rng, 70), 5), req("small", rand_ids(rng, 10), 5)
+    for r in (hog, big, small):
+        sched.add(r)
+    batch = sched.schedule()
+    assert [c.req.rid for c in batch.chunks] == ["hog", "small"]
+    run_checked(sched, runner)
+    for r in (hog, big, small):
+        assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens)
+
+
+def test_lpm_prefers_the_longest_cached_prefix():
+    rng = random.Random(5)
+    alloc, cache, sched = radix_sched(
+        1, 2000, max_running_requests=1, chunked_prefill_size=2000, schedule_policy="lpm"
+    )
+    runner = FakeRunner(1)
+    p1, p2 = rand_ids(rng, 30), rand_ids(rng, 60)
+    for i, p in enumerate((p1, p2)):
+        sched.add(req(f"warm{i}", p + [7], 1))
+    run_checked(sched, runner)
+    # Arrival order: none cached, p1 cached (30), p2 cached (60). max_running_requests=1
+    # makes the admission order observable.
+    reqs = [req("cold", rand_ids(rng, 20), 2), req("short", p1 + [9, 9], 2), req("long", p2 + [9, 9], 2)]
+    for r in reqs:
+        sched.add(r)
+    order = []
+    run_checked(sched, runner, on_step=lambda s, b: order.extend(c.req.rid for c in b.chunks if c.start == c.req.cached_tokens and c.prefill))
+    assert order == ["long", "short", "cold"]
+    assert [r.cached_tokens for r in reqs] == [0, 30, 60]
+
+
+def test_batch_groups_cached_members_together():
+    """With the group prefixes cached and room for one request at a time, batch runs each
+    group's members back to back (fcfs would alternate between groups as they arrived)."""
+    rng = random.Random(6)
+    for policy in ("batch", "fcfs"):
+        alloc, cache, sched = radix_sched(
+            1, 4000, max_running_requests=1, chunked_prefill_size=4000, schedule_policy=policy
+        )
+        runner = FakeRunner(1)
+        prefixes = [rand_ids(rng, 80) for _ in range(3)]
+        for g, p in enumerate(prefixes):
+            sched.add(req(f"warm{g}", p + [1], 1))
+        run_checked(sched, runner)
+        reqs = [req(f"g{i % 3}-{i}", prefixes[i % 3] + rand_ids(rng, 5), 2) for i in range(9)]
+        for r in reqs:
+            sched.add(r)
+        order = []
+        run_checked(sched, runner, on_step=lambda s, b: order.extend(c.req.rid[:2] for c in b.chunks if c.prefill))
+        runs = sum(1 for i in range(len(order)) if i == 0 or order[i] != order[i - 1])
+        assert runs == (3 if policy == "batch" else 9), (policy, order)
+
+
+def test_batch_packs_whole_prompts_before_chunking():
+    rng = random.Random(7)
+    alloc, cache, sched = radix_sched(1, 4000, max_running_requests=8, chunked_prefill_size=100, schedule_policy="batch")
+    runner = FakeRunner(1)
+    reqs = [req("a", rand_ids(rng, 60)), req("b", rand_ids(rng, 60)), req("c", rand_ids(rng, 30))]
+    for r in reqs:
+        sched.add(r)
+    batch = sched.schedule()
+    # b would be chunked after a (40 of 60 tokens): c fits whole, then b gets the last 10.
+    assert [(c.req.rid, c.length) for c in batch.chunks] == [("a", 60), ("c", 30), ("b", 10)]
+    run_checked(sched, runner)
+    assert all(r.output_ids == expected_output(r.prompt_ids, 8) for r in reqs)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lpm", "batch"])
+def test_retraction_newest_first_requeued_in_front(policy):
+    """Decode growth overruns the pool: the newest request is retracted, goes back to the front
+    of the queue ahead of never-admitted ones, resumes from the tree, and outputs are exact."""
+    rng = random.Random(8)
+    alloc, cache, sched = radix_sched(
+        1, 90, max_running_requests=8, chunked_prefill_size=1000, schedule_policy=policy, conservativeness=0.01
+    )
+    runner = FakeRunner(1)
+    reqs = [req(f"r{i}", rand_ids(rng, 20), 20) for i in range(3)]
+    for r in reqs:
+        sched.add(r)
+    late = req("late", rand_ids(rng, 45), 5)  # does not fit until one of the others is done
+    events = []
+    ratio = []
+    admitted = []
+
+    def on_step(step, batch):
+        if step == 0:
+            sched.add(late)
+        if sched.num_retractions and not events:
+            events.append([r.rid for r in sched.waiting])
+            ratio.append(sched.new_token_ratio)
+        admitted.extend(c.req.rid for c in batch.chunks if c.prefill and c.start == 0 or c.req.num_retractions and c.prefill)
+
+    run_checked(sched, runner, on_step=on_step)
+    assert sched.num_retractions > 0
+    assert events[0] == ["r2", "late"]  # the newest running request retracted, put first
+    assert admitted.index("r2", 3) < admitted.index("late")  # and resumed first
+    assert ratio[0] > sched.min_new_token_ratio  # the reserve ratio jumped
+    assert reqs[2].num_retractions > 0 and reqs[0].num_retractions == 0
+    assert reqs[2].cached_tokens == 0  # reported at first admission, not at resumption
+    for r in reqs + [late]:
+        assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens), r.rid
+    assert alloc.num_free + cache.total_pages == alloc.capacity
+
+
+def test_retracted_request_resumes_from_its_cached_kv():
+    rng = random.Random(9)
+    alloc, cache, sched = radix_sched(1, 90, max_running_requests=8, chunked_prefill_size=1000, conservativeness=0.01)
+    runner = FakeRunner(1)
+    a, b = req("a", rand_ids(rng, 30), 20), req("b", rand_ids(rng, 30), 20)
+    sched.add(a)
+    sched.add(b)
+    resumed_at = []
+
+    def on_step(step, batch):
+        for c in batch.chunks:
+            if c.req is b and b.num_retractions and c.prefill and not resumed_at:
+                resumed_at.append(c.start)
+
+    run_checked(sched, runner, on_step=on_step)
+    assert b.num_retractions == 1 and a.num_retractions == 0
+    # b resumed from the tree: its prompt (and maybe more) was not recomputed.
+    assert resumed_at and resumed_at[0] >= 30
+    assert a.output_ids == expected_output(a.prompt_ids, 20)
+    assert b.output_ids == expected_output(b.prompt_ids, 20)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lpm", "batch"])
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_random_workload_keeps_page_ownership(policy, page_size):
+    """Shared prefixes, n > 1 siblings, a tight pool (eviction and retraction) and aborts, with
+    page ownership checked after every step and every output checked at the end."""
+    rng = random.Random(hash((policy, page_size)) % 1000)
+    alloc, cache, sched = radix_sched(
+        page_size,
+        240 // page_size,
+        max_running_requests=6,
+        chunked_prefill_size=rng.choice([16, 48]),
+        schedule_policy=policy,
+        conservativeness=0.05,
+    )
+    runner = FakeRunner(page_size)
+    bases = [rand_ids(rng, 48) for _ in range(3)]
+    reqs = []
+    for i in range(30):
+        prompt = bases[rng.randrange(3)][: rng.randint(0, 48)] + rand_ids(rng, rng.randint(1, 12))
+        for j in range(rng.choice([1, 1, 1, 3])):  # sometimes n = 3 siblings of one prompt
+            reqs.append(req(f"r{i}-{j}", prompt, rng.randint(1, 24)))
+    aborted = set()
+    pending = list(reqs)
+
+    def on_step(step, batch):
+        for _ in range(rng.randint(0, 3)):
+            if pending:
+                sched.add(pending.pop(0))
+        if rng.random() < 0.03:
+            live = [r for r in list(sched.waiting) + sched.running]
+            if live:
+                victim = rng.choice(live)
+                assert sched.abort(victim.rid) is victim
+                aborted.add(victim.rid)
+
+    sched.add(pending.pop(0))
+    while True:
+        run_checked(sched, runner, on_step=on_step)
+        if not pending:
+            break
+        sched.add(pending.pop(0))
+    for r in reqs:
+        assert r.is_finished
+        if r.rid in aborted:
+            assert r.finish_reason.type == "abort"
+            assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens)[: len(r.output_ids)]
+        else:
+            assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens), r.rid
+    assert sum(r.cached_tokens for r in reqs) > 0
+    assert cache.locked_pages == 0 and alloc.num_free + cache.total_pages == alloc.capacity
+    cache.reset()
+    assert alloc.num_free == alloc.capacity
+
+
+def test_inflight_trie_against_brute_force():
+    """The in-flight index (a compressed trie with counts, maintained incrementally) answers
+    `shared` exactly like a scan over the sequences it holds, through adds, splits and removes."""
+    from pipeline_infer.scheduler import _InFlight
+
+    rng = random.Random(10)
+    index = _InFlight()
+    bases = [[rng.randrange(4) for _ in range(30)] for _ in range(3)]
+    live: list[Request] = []
+
+    def brute(ids):
+        best = 0
+        for r in live:
+            k = 0
+            while k < min(len(ids), r.num_tokens) and ids[k] == r.token_ids[k]:
+                k += 1
+            best = max(best, k)
+        return best
+
+    for step in range(600):
+        if live and rng.random() < 0.4:
+            index.remove(live.pop(rng.randrange(len(live))))
+        else:
+            ids = rng.choice(bases)[: rng.randint(0, 30)] + [rng.randrange(4) for _ in range(rng.randint(0, 6))]
+            r = req(f"x{step}", ids or [1])
+            index.add(r)
+            live.append(r)
+        probe = rng.choice(bases)[: rng.randint(0, 30)] + [rng.randrange(4) for _ in range(rng.randint(0, 4))]
+        assert index.shared(probe) == brute(probe)
+        assert index.root.count == len(live) == len(index.members)
+    for r in live:
+        index.remove(r)
+    assert index.root.children == {} and index.root.count == 0

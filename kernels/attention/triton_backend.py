@@ -75,6 +75,26 @@ class TritonAttentionBackend:
             ),
         )
 
+    def graph_decode_metadata(
+        self, seq_lens: torch.Tensor, page_table: torch.Tensor, max_context: int
+    ) -> TritonAttentionMetadata:
+        """Decode metadata over static buffers, for CUDA-graph capture.
+
+        The split count is fixed at capture for the longest possible sequence; the kernel
+        divides each sequence's actual length among the splits, so shorter ones leave some
+        splits empty (they cost a launch slot, not memory traffic).
+        """
+        bs = seq_lens.shape[0]
+        return TritonAttentionMetadata(
+            is_decode=True,
+            seq_lens=seq_lens,
+            prefix_lens=seq_lens,  # unused by decode
+            qo_indptr=seq_lens,  # unused by decode
+            page_table=page_table,
+            max_extend_len=1,
+            num_kv_splits=choose_num_kv_splits(bs, self.num_kv_heads, max_context, self._num_sms),
+        )
+
     def forward(
         self,
         q: torch.Tensor,  # [T, num_q_heads, head_dim]

@@ -21,9 +21,10 @@ Ownership (who frees a page)
   page ids and returns the caller's in `InsertResult.duplicate_pages`: those still belong to
   the caller, who must free them. (A caller page that *is* the tree's page at that position,
   i.e. one obtained from a match, is not reported: it was never the caller's to free.)
-- `evict` only removes unlocked leaves, least recently used first; removing a leaf can turn its
-  parent into an evictable leaf. `reset` drops everything and must only be called when no node
-  is locked (no request is running).
+- `evict` only takes pages from unlocked leaves, least recently used first, from the end of
+  the leaf (a leaf with more pages than needed is shortened, not dropped); removing a whole
+  leaf can turn its parent into an evictable leaf. `reset` drops everything and must only be
+  called when no node is locked (no request is running).
 
 Accounting is O(1): the tree counts the pages it holds and the pages in locked nodes, so
 `evictable_pages` (what `evict` could free if asked for everything) is their difference.
@@ -68,6 +69,7 @@ class MatchResult:
 class InsertResult:
     duplicate_pages: list[int] = field(default_factory=list)  # caller's pages the tree did not take
     node: Optional[RadixNode] = None  # node whose path spells exactly the inserted key
+    pages: list[int] = field(default_factory=list)  # the tree's page ids for the whole key, after the insert
 
 
 class RadixCache:
@@ -132,11 +134,33 @@ class RadixCache:
             node, i = child, i + m
         return MatchResult(pages, len(pages) * ps, node)
 
+    def match_len(self, token_ids: list[int]) -> int:
+        """Tokens of the longest cached whole-page prefix of token_ids, without side effects.
+
+        Unlike match_prefix it neither splits an edge nor refreshes LRU order, so schedulers can
+        probe many waiting requests (to order them) without disturbing the tree.
+        """
+        ps = self.page_size
+        n = len(token_ids) // ps
+        node, i = self.root, 0
+        while i < n:
+            child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
+            if child is None:
+                break
+            m = self._common_pages(child, token_ids, i, n)
+            i += m
+            if m < len(child.pages):
+                break
+            node = child
+        return i * ps
+
     def insert(self, token_ids: list[int], pages: list[int]) -> InsertResult:
         """Cache `pages` as the K/V of `token_ids` (whole pages only).
 
         Returns the caller's pages for the already-cached part of the key: the caller still
-        owns them and must free them.
+        owns them and must free them. `InsertResult.pages` lists the tree's pages for the whole
+        key (the caller's own where they were taken, the tree's where they were duplicates), and
+        `InsertResult.node` spells the whole key: a caller that keeps reading those pages locks it.
         """
         ps = self.page_size
         if len(token_ids) != len(pages) * ps:
@@ -148,6 +172,7 @@ class RadixCache:
         self._clock += 1
         node, i = self.root, 0
         duplicates: list[int] = []
+        path: list[int] = []
         while i < n:
             first = tuple(token_ids[i * ps : (i + 1) * ps])
             child = node.children.get(first)
@@ -157,14 +182,16 @@ class RadixCache:
                 self._total_pages += n - i
                 self._num_nodes += 1
                 self._push(leaf)
-                return InsertResult(duplicates, leaf)
+                path.extend(leaf.pages)
+                return InsertResult(duplicates, leaf, path)
             m = self._common_pages(child, token_ids, i, n)
             if m < len(child.pages):
                 child = self._split(child, m)
             duplicates.extend(p for p, q in zip(pages[i : i + m], child.pages) if p != q)
+            path.extend(child.pages)
             self._touch(child)
             node, i = child, i + m
-        return InsertResult(duplicates, node)
+        return InsertResult(duplicates, node, path)
 
     # --- locking --------------------------------------------------------------------------
     def lock(self, node: Optional[RadixNode]) -> None:
@@ -194,16 +221,27 @@ class RadixCache:
 
     # --- eviction -----------------------------------------------------------------------------
     def evict(self, num_pages: int) -> int:
-        """Free at least num_pages pages (fewer if not enough are evictable); returns pages freed.
+        """Free num_pages pages (fewer if not enough are evictable); returns pages freed.
 
-        Removes unlocked leaves, least recently used first; a whole leaf goes even when that
-        frees more than asked.
+        Takes pages from unlocked leaves, least recently used first, deepest pages first: when
+        a leaf holds more pages than still needed, only its tail goes and the leaf keeps the
+        shorter prefix (whose pages are just as valid), so evicting a little never throws a
+        long cached sequence away.
         """
         freed = 0
         while freed < num_pages and self._heap:
             access, _, node = heapq.heappop(self._heap)
             if not self._evictable_leaf(node) or access != node.last_access:
                 continue  # stale entry
+            keep = len(node.pages) - (num_pages - freed)
+            if keep > 0:  # trim the tail; node stays an evictable leaf with the same access
+                ps = self.page_size
+                self.allocator.free(node.pages[keep:])
+                freed += len(node.pages) - keep
+                self._total_pages -= len(node.pages) - keep
+                node.pages, node.key = node.pages[:keep], node.key[: keep * ps]
+                heapq.heappush(self._heap, (node.last_access, next(self._seq), node))
+                break
             parent = node.parent
             del parent.children[node.key[: self.page_size]]
             self.allocator.free(node.pages)

@@ -1,0 +1,113 @@
+"""Decode steps captured as CUDA graphs and replayed.
+
+A decode step of a small model is hundreds of tiny kernel launches; launching them from Python
+costs more than running them. So, for a set of batch-size buckets, the whole decode forward
+(embedding -> layers -> final norm -> logits) is captured once into a CUDA graph that reads
+its inputs from static buffers. A step copies its inputs into the buffers, pads the batch up
+to the next bucket, replays the graph and slices the logits.
+
+Padding rows are harmless: their token is 0 at position 0, their K/V go to slot 0 (page 0 is
+the pool's scratch page, never handed to a request) and they attend to that one slot.
+Sampling stays outside the graph: it depends on per-request parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline_infer.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from pipeline_infer.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_bs (and max_bs itself)."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+    return sorted(set(sizes))
+
+
+class CudaGraphRunner:
+    def __init__(self, runner: "ModelRunner", max_bs: int, max_context: int):
+        self.runner = runner
+        self.device = runner.device
+        self.max_bs = max_bs
+        self.buckets = batch_buckets(max_bs)
+        self.max_pages = -(-max_context // runner.page_size)
+        dev = self.device
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.out_cache_loc = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.page_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self._capture_all(max_context)
+
+    # --- capture -----------------------------------------------------------------------------
+    def _static_batch(self, bs: int, max_context: int) -> ForwardBatch:
+        backend = self.runner.attn_backend
+        fb = ForwardBatch(
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            extend_lens=[1] * bs,
+            prefix_lens=[0] * bs,
+            page_table=self.page_table[:bs],
+            out_cache_loc=self.out_cache_loc[:bs],
+            logits_indices=torch.arange(bs, device=self.device),
+            attn_backend=backend,
+        )
+        fb.attn_metadata = backend.graph_decode_metadata(self.seq_lens[:bs], self.page_table[:bs], max_context)
+        return fb
+
+    def _forward(self, fb: ForwardBatch) -> torch.Tensor:
+        model = self.runner.model
+        return model.compute_logits(model(fb))
+
+    @torch.inference_mode()
+    def _capture_all(self, max_context: int) -> None:
+        pool = None
+        stream = torch.cuda.Stream(self.device)
+        # Largest first: later (smaller) graphs reuse the first one's memory pool.
+        for bs in reversed(self.buckets):
+            fb = self._static_batch(bs, max_context)
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up: compile Triton kernels, settle allocator state
+                    self._forward(fb)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                logits = self._forward(fb)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+            self.logits[bs] = logits
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.buckets)
+
+    # --- replay ------------------------------------------------------------------------------
+    def can_run(self, fb: ForwardBatch) -> bool:
+        return fb.is_decode and fb.batch_size <= self.max_bs and fb.page_table.shape[1] <= self.max_pages
+
+    def replay(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits [bs, vocab] of a decode batch (every row samples)."""
+        bs = fb.batch_size
+        padded = next(b for b in self.buckets if b >= bs)
+        width = fb.page_table.shape[1]
+        self.input_ids[:bs].copy_(fb.input_ids)
+        self.positions[:bs].copy_(fb.positions)
+        self.out_cache_loc[:bs].copy_(fb.out_cache_loc)
+        self.seq_lens[:bs].copy_(fb.positions.to(torch.int32) + 1)
+        self.page_table[:bs, :width].copy_(fb.page_table)
+        if padded > bs:
+            self.input_ids[bs:padded].zero_()
+            self.positions[bs:padded].zero_()
+            self.out_cache_loc[bs:padded].zero_()
+            self.seq_lens[bs:padded].fill_(1)
+            self.page_table[bs:padded, 0].zero_()
+        self.graphs[padded].replay()
+        return self.logits[padded][:bs]
