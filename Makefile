@@ -1,4 +1,4 @@
-# Quick start: `make demo` (set up + run the seed's four modes on the bundled model, CPU)
+# Quick start: `make demo` (set up + a Parquet job, then the seed's four modes, on the bundled model, CPU)
 #              `make test` (set up with dev extras + run the test suite)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +11,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS    ?=
 
-.PHONY: setup setup-dev demo test test-gpu bench clean
+.PHONY: setup setup-dev demo test test-gpu bench bench-cpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,10 @@ $(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
 setup: $(VENV)/.setup
 setup-dev: $(VENV)/.setup-dev
 
+# The main job: the bundled model over examples/data/prompts.parquet, generations written to
+# examples/data/generations/ (a rerun skips the finished parts); then the seed's four Engine modes.
 demo: setup
+	$(BIN)/python examples/parquet_job.py
 	$(BIN)/python examples/offline_engine.py
 
 test: setup-dev
@@ -42,7 +45,16 @@ test: setup-dev
 test-gpu: setup-dev
 	$(BIN)/pytest -q -m gpu $(PYTEST_ARGS)
 
+# On a CUDA machine: the offline-throughput harness (workloads, same-run HF peer, % of floor, plot).
+BENCH_MODEL ?= benchmarks/configs/qwen2.5-0.5b
+BENCH_ARGS  ?= --workload random,shared-prefix,decode-heavy --peer hf --peer-num-prompts 64
 bench: setup-dev
+	$(PIP) install -e ".[bench]"
+	$(BIN)/python benchmarks/offline_throughput.py --model $(BENCH_MODEL) $(BENCH_ARGS) \
+		--json docs/bench_results.json --plot docs/throughput.png
+
+# On the CPU: the engine against HF generate on the bundled model.
+bench-cpu: setup-dev
 	$(BIN)/python benchmarks/cpu_vs_hf.py
 
 clean:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import threading
 from typing import Any
 
+logger = logging.getLogger("pipeline_infer.operators")
 _lock = threading.Lock()
 _engines: dict[tuple[str, str], Any] = {}
 _owned: set[tuple[str, str]] = set()  # engines this module built (and so shuts down)
@@ -35,6 +37,14 @@ def get_engine(model: str | None, options: dict[str, Any] | None = None) -> Any:
             return engine
         from pipeline_infer.engine import Engine  # heavy import: only when an engine is needed
 
+        twins = [k for k, e in _engines.items() if k[0] == key[0] and not getattr(e, "_closed", False)]
+        if twins:
+            # Legal (the options may matter), but each engine holds its own weights and KV cache.
+            logger.warning(
+                "loading a second engine for model %s with engine options %s (one is loaded with %s); "
+                "give ops the same engine_options to share one",
+                model or "(bundled)", key[1], twins[0][1],
+            )
         engine = Engine(model, **(options or {}))
         _engines[key] = engine
         _owned.add(key)

@@ -3,6 +3,9 @@
     op = GenerateOp(template="Translate to French: {text}", sampling_params={"max_new_tokens": 64})
     ds = ds.map(op, batched=True, batch_size=256)        # adds generated_text, finish_reason, ..., error
 
+    # Output constrained to a JSON schema and parsed into an Arrow struct column "json"
+    op = GenerateOp(template="A person from {city} as JSON:", json_schema={"type": "object", ...})
+
 The op holds only its configuration: it pickles small, its `datasets` fingerprint is a hash of
 that configuration (so `map` results are cached and recomputed when it changes), and the engine
 it drives is looked up in engine_pool on the first batch of each process.
@@ -21,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline_infer.operators import engine_pool, prompts
+from pipeline_infer.operators import engine_pool, json_output, prompts
 from pipeline_infer.operators.batch_io import BatchView
 from pipeline_infer.operators.rows import (
     Prepared,
@@ -72,6 +75,8 @@ class GenerateOp:
         max_prompt_tokens: int | None = None,
         on_error: str = "column",
         keep_input_columns: bool | None = None,
+        json_schema: dict[str, Any] | str | None = None,
+        json_column: str = "json",
     ):
         # Everything the op is, as plain JSON-able values: pickling, fingerprints and
         # provenance metadata all come from this one dict.
@@ -98,6 +103,13 @@ class GenerateOp:
             on_error=on_error,
             keep_input_columns=keep_input_columns,
         )
+        # Structured output (json_output.py), kept out of the config unless used so that the
+        # fingerprints of ops without it stay what they were.
+        if json_schema is not None:
+            self._config["json_schema"] = json_output.canonical_schema(json_schema)
+            self._config["json_column"] = json_column
+        elif json_column != "json":
+            raise ValueError("json_column names the parsed column of json_schema=...; pass json_schema too")
         self._validate()
 
     # --- configuration --------------------------------------------------------------------
@@ -148,6 +160,12 @@ class GenerateOp:
 
         EngineConfig.from_kwargs(c["model"], **c["engine_options"])
         self.n = c["sampling_params"].get("n", 1)
+        if c.get("json_schema") is not None:
+            clash = [k for k in ("json_schema", "regex", "ebnf") if k in c["sampling_params"]]
+            if clash:
+                raise ValueError(f"json_schema=... already constrains the output; drop sampling_params {clash}")
+            if not isinstance(c.get("json_column"), str) or not c["json_column"]:
+                raise ValueError(f"json_column must be a non-empty str, got {c.get('json_column')!r}")
         names = list(self.column_names().values())
         if len(set(names)) != len(names):
             raise ValueError(f"output column names collide: {names}")
@@ -162,6 +180,8 @@ class GenerateOp:
         names["error"] = p + c["error_column"]
         if not c["metadata"]:
             names = {k: v for k, v in names.items() if k in ("text", "error", "prompt_truncated", "output_ids")}
+        if c.get("json_schema") is not None:
+            names["json"] = p + c["json_column"]
         return names
 
     @property
@@ -326,6 +346,8 @@ class GenerateOp:
             if prep.ids[i] is None:
                 continue
             params = dict(base)
+            if c.get("json_schema") is not None:
+                params["json_schema"] = c["json_schema"]
             if per_row is not None and per_row[i] is not None:
                 extra, err = _row_param_dict(per_row[i], c["sampling_params_column"])
                 if err:
@@ -378,11 +400,23 @@ class GenerateOp:
         """The new columns for zero rows (an empty input file still gets a typed part)."""
         c = self._config
         types = output_types(self.n, c["too_long"] == "truncate", c["output_ids"])
+        if c.get("json_schema") is not None:
+            types["json"] = json_output.column_type(c["json_schema"], self.n)
         return {name: pa.array([], type=types[k]) for k, name in self.column_names().items()}
 
     def assemble(self, prep: Prepared) -> dict[str, pa.Array]:
         c = self._config
         logical = build_columns(prep, self.n, c["too_long"] == "truncate", c["metadata"], c["output_ids"])
+        if c.get("json_schema") is not None:
+            # A row whose output does not parse keeps its text and gets an error message.
+            texts = [[o["text"] for o in prep.results[i]] if prep.errors[i] is None and i in prep.results else None
+                     for i in range(prep.num_rows)]
+            logical["json"], parse_errors = json_output.parse_column(texts, c["json_schema"], self.n)
+            bad = next((i for i, e in enumerate(parse_errors) if e is not None), None)
+            if bad is not None and c["on_error"] == "raise":
+                raise ValueError(f"row {bad}: {parse_errors[bad]} (on_error='raise')")
+            errors = [prep.errors[i] or parse_errors[i] for i in range(prep.num_rows)]
+            logical["error"] = pa.array(errors, type=pa.string())
         names = self.column_names()
         return {names[k]: arr for k, arr in logical.items()}
 

@@ -55,6 +55,7 @@ class _Part:
     name: str
     done: bool  # an earlier run wrote exactly this part
     rows: int = 0
+    mine: bool = True  # False: another worker of a multi-process job writes it
     tables: list[pa.Table] = field(default_factory=list)
 
 
@@ -79,9 +80,17 @@ def run_job(
     limit: int | None = None,
     input_format: str | None = None,
     storage_options: dict[str, Any] | None = None,
-    progress: bool = True,
+    progress: bool | Any = True,
+    num_gpus: int | None = 1,
+    shard: tuple[int, int] | None = None,
 ) -> JobResult:
-    """Run `op` (a GenerateOp) over files; see the module docstring. Returns what it did."""
+    """Run `op` (a GenerateOp) over files; see the module docstring. Returns what it did.
+
+    num_gpus: engine processes, one per GPU (None: every visible GPU; on a machine without
+    GPUs, N > 1 runs N CPU processes); see multi_process.py. shard=(i, n): write only every
+    n-th part from i on (what each of those processes does). progress: a bar, or an object
+    with the bar's skip/done/close to report to.
+    """
     for name, value in (("batch_size", batch_size), ("window", window), ("rows_per_part", rows_per_part)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -89,6 +98,11 @@ def run_job(
         raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
     if not isinstance(output, str) or not output:
         raise ValueError(f"output must be a folder path or URL, got {output!r}")
+    workers, gpus = 1, []
+    if (num_gpus != 1 or isinstance(num_gpus, bool)) and shard is None:
+        from pipeline_infer.operators.multi_process import num_workers
+
+        workers, gpus = num_workers(num_gpus)
     started = time.perf_counter()
     inputs = fio.discover(input, storage_options, input_format)
     out_fs, out_dir = fsspec.core.url_to_fs(output, **(storage_options or {}))
@@ -98,11 +112,18 @@ def run_job(
     if not inputs:
         raise ValueError(f"input {input!r} has no files outside the output folder {output!r}")
     out_fs.makedirs(out_dir, exist_ok=True)
-    if fio.remove_stale_temps(out_fs, out_dir):
+    # A multi-process job's worker must not delete its siblings' temp files: its coordinator did this.
+    if shard is None and fio.remove_stale_temps(out_fs, out_dir):
         logger.info("removed temp files left by an interrupted run in %s", output)
-    job = _Job(op, inputs, out_fs, out_dir, rows_per_part, batch_size, resume, limit)
+    job = _Job(op, inputs, out_fs, out_dir, rows_per_part, batch_size, resume, limit, shard)
+    if workers > 1:
+        from pipeline_infer.operators.multi_process import run_workers
+
+        job_kwargs = dict(batch_size=batch_size, window=window, rows_per_part=rows_per_part, resume=resume,
+                          limit=limit, input_format=input_format, storage_options=storage_options)
+        return run_workers(op, input, output, job_kwargs, workers, gpus, job.total_rows(), progress, started)
     result = JobResult(output=output)
-    bar = JobProgress(job.total_rows(), enabled=progress)
+    bar = JobProgress(job.total_rows(), enabled=progress) if isinstance(progress, bool) else progress
     try:
         for item, table, prep in run_window(op, job.items(), window):
             if isinstance(item.tag, _Marker):
@@ -128,7 +149,7 @@ def run_job(
 
 
 class _Job:
-    def __init__(self, op, inputs, out_fs, out_dir, rows_per_part, batch_size, resume, limit):
+    def __init__(self, op, inputs, out_fs, out_dir, rows_per_part, batch_size, resume, limit, shard=None):
         self.op = op
         self.inputs = inputs
         self.fs = out_fs
@@ -140,6 +161,14 @@ class _Job:
         self.fingerprint = op.fingerprint()
         self.existing = fio.list_parts(out_fs, out_dir)
         self._meta_cache: dict[str, dict | None] = {}
+        self.shard = shard
+        self._parts_seen = 0  # every part of every file, in order: numbers the parts for the shards
+
+    def _take_next(self) -> bool:
+        """Whether the next part in single-process order is this process's to write."""
+        ordinal = self._parts_seen
+        self._parts_seen += 1
+        return self.shard is None or ordinal % self.shard[1] == self.shard[0]
 
     # --- what is already done ------------------------------------------------------------
     def part_key(self, f: fio.InputFile, index: int, cap: int | None) -> str:
@@ -159,6 +188,8 @@ class _Job:
     def new_part(self, f: fio.InputFile, index: int, start_row: int, cap: int | None) -> _Part:
         name = fio.part_name(f, index)
         key = self.part_key(f, index, cap)
+        if not self._take_next():  # another worker's: no need to read its footer
+            return _Part(f, index, start_row, key, name, False, mine=False)
         meta = self._meta(name)
         done = self.resume and meta is not None and meta.get("key") == key
         return _Part(f, index, start_row, key, name, done)
@@ -194,7 +225,8 @@ class _Job:
             if metas is not None:
                 rows = sum(m["rows"] for m in metas)
                 for i, m in enumerate(metas):
-                    part = _Part(f, i, m["input"]["start_row"], m["key"], fio.part_name(f, i), True, rows=m["rows"])
+                    part = _Part(f, i, m["input"]["start_row"], m["key"], fio.part_name(f, i), True, rows=m["rows"],
+                                 mine=self._take_next())
                     yield WorkItem(None, tag=_Marker(part, last=m["last"], ended_by=m["ended_by"]))
             else:
                 rows = yield from self._file_items(f, cap)
@@ -210,7 +242,7 @@ class _Job:
 
         def flush() -> Iterator[WorkItem]:
             nonlocal buf, buf_rows
-            if buf and not part.done:
+            if buf and not part.done and part.mine:
                 table = concat([t for t, _ in buf])
                 errors = [e for t, errs in buf for e in (errs if errs is not None else [None] * t.num_rows)]
                 start = part.start_row + part.rows - buf_rows
@@ -246,6 +278,8 @@ class _Job:
     # --- writing ----------------------------------------------------------------------------------
     def finish_part(self, marker: _Marker, result: JobResult, bar: JobProgress) -> None:
         part = marker.part
+        if not part.mine:
+            return  # its worker counts, writes and cleans up after it
         if part.done:
             result.parts_skipped.append(part.name)
             result.rows_skipped += part.rows

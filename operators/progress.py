@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+_now = time.perf_counter  # a module attribute, so a test can drive the clock
+
 
 class JobProgress:
     def __init__(self, total_rows: int | None, enabled: bool = True):
@@ -15,7 +17,7 @@ class JobProgress:
 
         self.bar = tqdm(total=total_rows, unit="row", desc="generate", disable=not enabled, dynamic_ncols=True)
         self.total = total_rows
-        self.start = time.perf_counter()
+        self.start = _now()
         self.rows = 0  # generated this run
         self.skipped = 0  # already done by an earlier run
         self.tokens = 0
@@ -23,18 +25,18 @@ class JobProgress:
 
     def skip(self, rows: int) -> None:
         self.skipped += rows
+        self._postfix()  # before update(), which redraws: the bar shows the new figures
         self.bar.update(rows)
-        self._postfix()
 
     def done(self, rows: int, tokens: int, errors: int) -> None:
         self.rows += rows
         self.tokens += tokens
         self.errors += errors
-        self.bar.update(rows)
         self._postfix()
+        self.bar.update(rows)
 
     def _postfix(self) -> None:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = max(_now() - self.start, 1e-9)
         tok_s = self.tokens / elapsed
         parts = [f"tok/s={tok_s:.0f}"]
         if self.skipped:

@@ -123,10 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--error-column", default="error", metavar="COL")
     out.add_argument("--no-metadata", dest="metadata", action="store_false",
                      help="leave out finish_reason and token-count columns")
+    out.add_argument("--output-ids", action="store_true",
+                     help="also write the generated token ids (an output_ids column)")
     out.add_argument("--on-error", choices=("column", "raise"), default="column",
                      help="bad rows: message in the error column (default) or stop the job")
     out.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="rows per engine call")
     out.add_argument("--window", type=_positive_int, default=2, metavar="N", help="batches in flight (default 2)")
+    out.add_argument("--num-gpus", type=_positive_int, default=None, metavar="N",
+                     help="engine processes, one per GPU, over disjoint parts (default: every visible GPU; "
+                          "1 process on a machine without GPUs, where N > 1 runs N CPU processes)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     gen.set_defaults(handler=_generate, subparser=gen)  # errors then name the subcommand
     return parser
@@ -167,6 +172,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             output_column=args.output_column,
             column_prefix=args.column_prefix,
             metadata=args.metadata,
+            output_ids=args.output_ids,
             error_column=args.error_column,
             too_long=args.too_long,
             max_prompt_tokens=args.max_prompt_tokens,
@@ -184,6 +190,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             input_format=args.input_format,
             storage_options=dict(args.storage_option),
             progress=args.progress,
+            num_gpus=args.num_gpus,
         )
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_SCHEDULE_POLICIES = ("fcfs", "lpm", "batch")
+_SCHEDULE_POLICIES = ("auto", "fcfs", "lpm", "batch")
 _ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -36,7 +36,7 @@ class EngineConfig:
     mem_fraction_static: float = 0.85  # CUDA: fraction of free memory for weights + KV
     max_running_requests: int | None = None
     chunked_prefill_size: int = 8192  # prefill tokens per step across requests
-    schedule_policy: str = "fcfs"
+    schedule_policy: str = "auto"  # "batch" for batch submissions, "fcfs" otherwise (see scheduler.py)
     schedule_conservativeness: float = 1.0  # scales the decode reserve at admission
     disable_radix_cache: bool = False
 
@@ -48,7 +48,10 @@ class EngineConfig:
     # outputs
     incremental_streaming_output: bool = False
     stream_interval: int = 1
-    enable_return_hidden_states: bool = False
+    enable_return_hidden_states: bool = False  # allow generate(return_hidden_states=True)
+    # Structured output: json_schema output is compact JSON. True here, unlike SGLang: with free
+    # whitespace small models often never close the JSON (see structured.py).
+    constrained_json_disable_any_whitespace: bool = True
     random_seed: int | None = None
     log_level: str = "error"
 

@@ -47,6 +47,9 @@ class CudaGraphRunner:
         self.page_table = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.metadata: dict[int, object] = {}  # each graph's attention metadata, for re-planning
+        # Backends whose metadata lives on the host (FlashInfer) re-plan before each replay.
+        self._prepare = getattr(runner.attn_backend, "graph_prepare_replay", None)
         self._capture_all(max_context)
 
     # --- capture -----------------------------------------------------------------------------
@@ -86,6 +89,7 @@ class CudaGraphRunner:
             pool = graph.pool()
             self.graphs[bs] = graph
             self.logits[bs] = logits
+            self.metadata[bs] = fb.attn_metadata
         torch.cuda.synchronize(self.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.buckets)
 
@@ -109,5 +113,7 @@ class CudaGraphRunner:
             self.out_cache_loc[bs:padded].zero_()
             self.seq_lens[bs:padded].fill_(1)
             self.page_table[bs:padded, 0].zero_()
+        if self._prepare is not None:
+            self._prepare(self.metadata[padded], fb, padded)
         self.graphs[padded].replay()
         return self.logits[padded][:bs]

@@ -17,6 +17,7 @@ import uuid
 from typing import Any, AsyncIterator, Iterator
 
 from pipeline_infer.config import EngineConfig
+from pipeline_infer.extra_outputs import ExtraOutputs, OutputArgs
 from pipeline_infer.request import Request
 from pipeline_infer.sampling_params import SamplingParams
 
@@ -51,6 +52,7 @@ class Engine:
         self._core = parts.core
         self._closed = False
         self._lock = threading.Lock()
+        self._grammars = None  # structured.GrammarCache, made on the first constrained request
 
     # --- lifecycle -------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -134,17 +136,24 @@ class Engine:
         prompt: str | list[str] | None = None,
         sampling_params: dict | SamplingParams | list | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool = False,
-        logprob_start_len: int | None = None,
-        top_logprobs_num: int = 0,
-        return_hidden_states: bool = False,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        return_hidden_states: bool | list[bool] = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        return_text_in_logprobs: bool = False,
     ) -> dict | list[dict] | Iterator[dict]:
-        """One dict for one prompt, a list for a list, an iterator of chunks with stream=True."""
+        """One dict for one prompt, a list for a list, an iterator of chunks with stream=True.
+
+        return_logprob / logprob_start_len / top_logprobs_num / return_hidden_states follow SGLang
+        (see extra_outputs.py for the exact meta_info layout); logprobs are of the model's raw
+        distribution, before logit_bias, penalties, grammar masks, temperature, top-k/p and min-p.
+        """
         self._check_alive()
-        _check_unsupported(return_logprob, top_logprobs_num, return_hidden_states, logprob_start_len)
-        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid)
+        outputs = OutputArgs(return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states,
+                             return_text_in_logprobs)
+        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs)
         collector = _SyncCollector(self, reqs)
         if stream:
             return collector.stream(single)
@@ -155,28 +164,35 @@ class Engine:
         prompt: str | list[str] | None = None,
         sampling_params: dict | SamplingParams | list | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool = False,
-        logprob_start_len: int | None = None,
-        top_logprobs_num: int = 0,
-        return_hidden_states: bool = False,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] | None = None,
+        top_logprobs_num: int | list[int] | None = None,
+        return_hidden_states: bool | list[bool] = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        return_text_in_logprobs: bool = False,
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """Awaitable generate; with stream=True it returns an async iterator of chunks."""
         self._check_alive()
-        _check_unsupported(return_logprob, top_logprobs_num, return_hidden_states, logprob_start_len)
-        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid)
+        outputs = OutputArgs(return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states,
+                             return_text_in_logprobs)
+        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs)
         collector = _AsyncCollector(self, reqs)
         if stream:
             return collector.stream(single)
         return await collector.wait(single)
 
     # --- input handling -------------------------------------------------------------------
-    def _make_requests(self, prompt, sampling_params, input_ids, rid) -> tuple[list[Request], bool]:
+    def _make_requests(
+        self, prompt, sampling_params, input_ids, rid, outputs: OutputArgs | None = None
+    ) -> tuple[list[Request], bool]:
         from pipeline_infer.engine_inputs import normalize_inputs
 
         prompts_ids, params, single = normalize_inputs(self, prompt, sampling_params, input_ids)
         rids = _request_ids(rid, len(prompts_ids))
+        extra = (outputs or OutputArgs()).resolve(prompts_ids, self)
+        for p in params:  # compile every grammar (or fail) before anything is submitted
+            self._grammar_state(p)
         reqs: list[Request] = []
         for i, (ids, p) in enumerate(zip(prompts_ids, params)):
             for j in range(p.n):
@@ -192,10 +208,33 @@ class Engine:
                         context_length=self.context_length,
                         seed=seed,
                         detokenizer=self._detokenizer(p),
+                        grammar=self._grammar_state(p),
+                        extra_outputs=ExtraOutputs(**extra[i]) if extra[i] is not None else None,
                     )
                 )
         single = single and len(reqs) == 1
+        for req in reqs:  # several requests from one call: a batch job (schedule_policy "auto")
+            req.batch_job = not single
         return reqs, single
+
+    def _grammar_state(self, p: SamplingParams):
+        """A fresh grammar matcher for structured output (compiled once per spec), or None."""
+        if p.json_schema is None and p.regex is None and p.ebnf is None:
+            return None
+        if self._grammars is None:
+            with self._lock:
+                if self._grammars is None:
+                    if self.tokenizer is None:
+                        raise ValueError("structured output needs the model's tokenizer; this engine has none")
+                    from pipeline_infer.structured import GrammarCache
+
+                    self._grammars = GrammarCache(
+                        self.tokenizer.hf,
+                        self.vocab_size,
+                        self.eos_token_ids,
+                        any_whitespace=not self.config.constrained_json_disable_any_whitespace,
+                    )
+        return self._grammars.state_for(p)
 
     def _detokenizer(self, p: SamplingParams):
         if self.tokenizer is None:
@@ -215,9 +254,10 @@ class Engine:
 # --- output assembly -------------------------------------------------------------------------
 
 
-def _meta_info(req: Request, n_out: int, finished: bool) -> dict[str, Any]:
+def _meta_info(req: Request, n_out: int, finished: bool, start: int = 0) -> dict[str, Any]:
+    """meta_info after n_out output tokens; per-token extras cover outputs [start, n_out)."""
     end = req.finish_time if finished and req.finish_time else time.perf_counter()
-    return {
+    info = {
         "id": req.rid,
         "prompt_tokens": req.prompt_len,
         "completion_tokens": n_out,
@@ -225,6 +265,9 @@ def _meta_info(req: Request, n_out: int, finished: bool) -> dict[str, Any]:
         "finish_reason": req.finish_reason.to_dict() if finished and req.finish_reason else None,
         "e2e_latency": end - req.arrival_time,
     }
+    if req.extra_outputs is not None:
+        info.update(req.extra_outputs.meta_info(req.prompt_ids, req.output_ids, start, n_out))
+    return info
 
 
 class _Snapshot:
@@ -262,6 +305,7 @@ class _CollectorBase:
         i, req = snap.index, self.reqs[snap.index]
         if not snap.finished and snap.n_out % self.interval != 0:
             return None
+        start = self._sent_ids[i] if self.incremental else 0
         text = req.output_text if snap.finished else snap.text
         n_out = len(req.output_ids) if snap.finished else snap.n_out
         if self.incremental:
@@ -269,7 +313,7 @@ class _CollectorBase:
         else:
             out = {"text": text, "output_ids": req.output_ids[:n_out]}
         self._sent_text[i], self._sent_ids[i] = len(text), n_out
-        out["meta_info"] = _meta_info(req, n_out, snap.finished)
+        out["meta_info"] = _meta_info(req, n_out, snap.finished, start)
         if with_index:
             out["index"] = i
         return out
@@ -369,13 +413,6 @@ class _AsyncCollector(_CollectorBase):
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def _check_unsupported(return_logprob, top_logprobs_num, return_hidden_states, logprob_start_len) -> None:
-    if return_logprob or top_logprobs_num or logprob_start_len is not None:
-        raise NotImplementedError("return_logprob / top_logprobs_num / logprob_start_len are not supported yet")
-    if return_hidden_states:
-        raise NotImplementedError("return_hidden_states is not supported yet")
 
 
 def _request_ids(rid, n: int) -> list[str]:

@@ -98,7 +98,8 @@ class EngineCore:
             block = False
             if kind == "add":
                 for req in payload:
-                    if req.params.max_new_tokens == 0:  # nothing to generate: done at once
+                    scores_prompt = req.extra_outputs is not None and req.extra_outputs.needs_prefill
+                    if req.params.max_new_tokens == 0 and not scores_prompt:  # nothing to do: done at once
                         req.finish(FinishReason("length", None))
                         self._emit(req)
                     else:

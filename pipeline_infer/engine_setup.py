@@ -60,7 +60,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     context = cfg.context_length or model_context
 
     max_running = cfg.max_running_requests or (256 if device.type == "cuda" else 64)
-    backend = cfg.attention_backend or _default_backend(device)
+    backend = cfg.attention_backend or _default_backend(device, hf_config, cfg.page_size, dtype)
     if backend != "torch" and device.type != "cuda":
         raise ValueError(f"attention_backend={backend!r} needs a CUDA device; on the CPU use 'torch'")
     runner = ModelRunner(
@@ -75,6 +75,8 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         eos_token_ids=eos,
         max_context=context,
         cuda_graph_max_bs=0 if cfg.disable_cuda_graph else min(cfg.cuda_graph_max_bs, max_running),
+        chunked_prefill_size=cfg.chunked_prefill_size,
+        max_running_requests=max_running,
     )
     # A lone sequence must always fit in the pool, so the pool also caps the context.
     context = min(context, runner.capacity_tokens)
@@ -131,17 +133,16 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _default_backend(device: torch.device) -> str:
+def _default_backend(device: torch.device, hf_config, page_size: int, dtype: torch.dtype) -> str:
+    """The fastest attention backend for this model's heads on this device, measured once."""
+    from pipeline_infer.kernels.attention.select import fastest_backend
+
     if device.type != "cuda":
         return "torch"
-    try:
-        import triton  # noqa: F401
-
-        from pipeline_infer.kernels.attention import triton_backend  # noqa: F401
-
-        return "triton"
-    except ImportError:
-        return "torch"
+    num_q = hf_config.num_attention_heads
+    num_kv = getattr(hf_config, "num_key_value_heads", None) or num_q
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_q
+    return fastest_backend(device, num_q, num_kv, head_dim, page_size, dtype)
 
 
 def _tokenizer(path: str, cfg: EngineConfig):

@@ -27,6 +27,7 @@ class ForwardBatch:
     page_table: torch.Tensor  # [B, max_pages] int32: KV page ids of each sequence, prefix and new
     out_cache_loc: torch.Tensor  # [T] int64: slot (page * page_size + offset) for each new token's K/V
     logits_indices: torch.Tensor  # [N] int64: rows of the hidden states that produce logits
+    page_table_host: Any = None  # numpy copy of page_table, for backends that plan on the host
     attn_backend: "AttentionBackend | None" = None
     attn_metadata: Any = None  # whatever the backend's plan() computed for this batch
     extras: dict = field(default_factory=dict)  # e.g. "hidden_states" requests

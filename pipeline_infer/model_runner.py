@@ -2,7 +2,8 @@
 
 run(batch) turns the scheduler's chunks into a ForwardBatch (flattened token ids,
 positions, the slots their K/V go to, the page table), runs the model, computes logits
-only for the rows that sample, and samples them for the whole batch at once.
+only for the rows that sample, and samples them for the whole batch at once. Requests that
+asked for logprobs or hidden states get them computed in the same step (step_extras.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
 from pipeline_infer.sampler import Sampler, SamplingBatchInfo
+from pipeline_infer.step_extras import StepExtras
+from pipeline_infer.structured import fill_bitmask
 
 if TYPE_CHECKING:
     from pipeline_infer.scheduler import ScheduledBatch
@@ -39,6 +42,8 @@ class ModelRunner:
         eos_token_ids: set[int],
         max_context: int,
         cuda_graph_max_bs: int = 0,
+        chunked_prefill_size: int = 8192,
+        max_running_requests: int = 256,
     ):
         self.model = model
         self.hf_config = hf_config
@@ -50,7 +55,13 @@ class ModelRunner:
         self.num_q_heads = hf_config.num_attention_heads
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_q_heads
         self.head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // self.num_q_heads
+        self._backend_name = attention_backend
 
+        self.activation_peak_bytes = 0
+        if max_total_tokens is None and device.type == "cuda":
+            self.activation_peak_bytes = self._measure_activation_peak(
+                chunked_prefill_size + max_running_requests, max_running_requests, max_context
+            )
         num_pages = self._num_pages(max_total_tokens, mem_fraction_static, max_context)
         self.kv_pool = KVPool(
             self.num_layers, num_pages, page_size, self.num_kv_heads, self.head_dim, dtype, device
@@ -74,10 +85,12 @@ class ModelRunner:
         if max_total_tokens is not None:
             return -(-max_total_tokens // self.page_size) + 1  # + the scratch page
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used_elsewhere = total - free
-            # Leave (1 - mem_fraction) of the card for activations, logits and CUDA graphs.
-            budget = int(total * mem_fraction) - used_elsewhere
+            # What is free now is the card minus the weights (and anything else on it); the
+            # KV pool takes mem_fraction of that after setting aside the measured activation
+            # peak of the largest step. The rest covers CUDA graphs, cuBLAS workspaces and
+            # allocator fragmentation.
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int((free - self.activation_peak_bytes) * mem_fraction)
             budget = max(budget, per_page * 2)
         else:
             budget = _CPU_KV_BUDGET_BYTES
@@ -85,21 +98,78 @@ class ModelRunner:
         pages = budget // per_page
         return int(max(2, min(pages, 1 << 22)))
 
+    @torch.inference_mode()
+    def _measure_activation_peak(self, step_tokens: int, sampling_rows: int, max_context: int) -> int:
+        """Bytes a worst-case step allocates beyond the weights: run one and read the peak.
+
+        The largest step is a full prefill chunk plus a decode row per running request
+        (step_tokens), and sampling over `sampling_rows` rows with every filter and penalty on
+        (top-p sorts the whole vocabulary). It runs on a throwaway KV pool just big enough,
+        with the torch attention backend's temporaries bounded by the chunk like the others.
+        """
+        from pipeline_infer.kernels.attention.torch_backend import TorchAttentionBackend
+        from pipeline_infer.sampling_params import SamplingParams
+
+        ps, dev = self.page_size, self.device
+        seq_len = max(1, min(step_tokens, max_context))
+        num_seqs = -(-step_tokens // seq_len)
+        pages_per_seq = -(-seq_len // ps)
+        pool = KVPool(
+            self.num_layers, num_seqs * pages_per_seq + 1, ps, self.num_kv_heads, self.head_dim, self.dtype, dev
+        )
+        self.kv_pool = pool
+        try:
+            backend = self._make_backend(self._probe_backend_name())
+        except Exception:  # the probe only needs some backend; the real one is made afterwards
+            backend = TorchAttentionBackend(pool, self.num_q_heads, self.num_kv_heads, self.head_dim)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        pos = torch.arange(seq_len, device=dev)
+        table = (1 + torch.arange(num_seqs * pages_per_seq, device=dev, dtype=torch.int32)).view(num_seqs, -1)
+        slots = (table.long()[:, (pos // ps)] * ps + pos % ps).reshape(-1)
+        vocab = self.hf_config.vocab_size
+        fb = ForwardBatch(
+            input_ids=torch.randint(0, vocab, (num_seqs * seq_len,), device=dev),
+            positions=pos.repeat(num_seqs),
+            extend_lens=[seq_len] * num_seqs,
+            prefix_lens=[0] * num_seqs,
+            page_table=table,
+            page_table_host=table.cpu().numpy(),
+            out_cache_loc=slots,
+            logits_indices=torch.full((sampling_rows,), seq_len - 1, dtype=torch.long, device=dev),
+            attn_backend=backend,
+        )
+        backend.plan(fb)
+        hidden = self.model(fb)
+        logits = self.model.compute_logits(hidden[fb.logits_indices])
+        params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1)] * sampling_rows
+        info = SamplingBatchInfo.build(
+            params=params,
+            prompt_ids=[[1, 2, 3]] * sampling_rows,
+            output_ids=[[4]] * sampling_rows,
+            seeds=[None] * sampling_rows,
+            vocab_size=logits.shape[-1],
+            device=dev,
+            eos_token_ids=self.eos_token_ids,
+        )
+        Sampler()(logits, info)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del fb, hidden, logits, info, backend
+        self.kv_pool = None
+        del pool
+        torch.cuda.empty_cache()
+        logger.info("activation peak of a %d-token step: %.1f MiB", step_tokens, peak / 2**20)
+        return int(peak)
+
+    def _probe_backend_name(self) -> str:
+        return getattr(self, "_backend_name", "torch")
+
     def _make_backend(self, name: str):
-        args = (self.kv_pool, self.num_q_heads, self.num_kv_heads, self.head_dim)
-        if name == "torch":
-            from pipeline_infer.kernels.attention.torch_backend import TorchAttentionBackend
+        from pipeline_infer.kernels.attention.select import make_backend
 
-            return TorchAttentionBackend(*args)
-        if name == "triton":
-            from pipeline_infer.kernels.attention.triton_backend import TritonAttentionBackend
-
-            return TritonAttentionBackend(*args)
-        if name == "flashinfer":
-            from pipeline_infer.kernels.attention.flashinfer_backend import FlashInferAttentionBackend
-
-            return FlashInferAttentionBackend(*args)
-        raise ValueError(f"attention_backend must be 'torch', 'triton' or 'flashinfer', got {name!r}")
+        return make_backend(name, self.kv_pool, self.num_q_heads, self.num_kv_heads, self.head_dim)
 
     @property
     def capacity_tokens(self) -> int:
@@ -133,6 +203,7 @@ class ModelRunner:
             extend_lens=[c.length for c in batch.chunks],
             prefix_lens=[c.start for c in batch.chunks],
             page_table=torch.from_numpy(page_table).to(dev, non_blocking=True),
+            page_table_host=page_table,
             out_cache_loc=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
             logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(dev, non_blocking=True),
             attn_backend=self.attn_backend,
@@ -144,24 +215,39 @@ class ModelRunner:
         """Run one step; the sampled token for each chunk that samples, None for the others."""
         fb = self.build_forward_batch(batch)
         sampling = [c for c in batch.chunks if c.samples]
-        if self.graph_runner is not None and self.graph_runner.can_run(fb):
-            logits = self.graph_runner.replay(fb)  # a decode batch: every row samples
+        # Logprobs / hidden states some requests asked for (None for almost every step).
+        extras = StepExtras.plan(batch.chunks)
+        hidden = None
+        graph_ok = extras is None or not extras.needs_hidden_states  # graphs return logits only
+        if graph_ok and self.graph_runner is not None and self.graph_runner.can_run(fb):
+            logits = self.graph_runner.replay(fb)  # a decode batch
+            if len(sampling) != fb.batch_size:  # a one-token prefill chunk that does not sample
+                logits = logits[fb.logits_indices]
         else:
             self.attn_backend.plan(fb)
             hidden = self.model(fb)
-            if not sampling:
+            if not sampling and extras is None:
                 return [None] * len(batch.chunks)
-            logits = self.model.compute_logits(hidden[fb.logits_indices])
-        info = SamplingBatchInfo.build(
-            params=[c.req.params for c in sampling],
-            prompt_ids=[c.req.prompt_ids for c in sampling],
-            output_ids=[c.req.output_ids for c in sampling],
-            seeds=[c.req.seed for c in sampling],
-            vocab_size=logits.shape[-1],
-            device=logits.device,
-            eos_token_ids=self.eos_token_ids,
-        )
-        tokens = self.sampler(logits, info).tolist()  # the step's one host synchronisation
+            logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling else None
+        if sampling:
+            info = SamplingBatchInfo.build(
+                params=[c.req.params for c in sampling],
+                prompt_ids=[c.req.prompt_ids for c in sampling],
+                output_ids=[c.req.output_ids for c in sampling],
+                seeds=[c.req.seed for c in sampling],
+                vocab_size=logits.shape[-1],
+                device=logits.device,
+                eos_token_ids=self.eos_token_ids,
+                # Filled on the host while the device still runs the forward pass.
+                vocab_bitmask=fill_bitmask([c.req.grammar for c in sampling], logits.shape[-1]),
+            )
+            sampled = self.sampler(logits, info)
+        else:
+            sampled = torch.empty(0, dtype=torch.long, device=self.device)
+        if extras is None:
+            tokens = sampled.tolist()  # the step's one host synchronisation
+        else:  # the same one transfer, carrying the logprobs and hidden states too
+            tokens = extras.collect(self.model, hidden, logits, sampled)
         it = iter(tokens)
         return [next(it) if c.samples else None for c in batch.chunks]
 

@@ -46,6 +46,13 @@ class Request:
     detokenizer: Any = None  # IncrementalDetokenizer or None (skip_tokenizer_init / input_ids only)
     on_output: Callable[["Request", bool], None] | None = None  # (request, finished) -> None
     arrival_time: float = field(default_factory=time.perf_counter)
+    # Submitted with others by one generate call (a list of prompts, or n > 1): the "auto"
+    # schedule policy runs it as a batch job.
+    batch_job: bool = False
+    # Structured output: a structured.GrammarState fed every sampled token (None: unconstrained).
+    grammar: Any = None
+    # Logprobs / hidden states to return: an extra_outputs.ExtraOutputs (None: none asked for).
+    extra_outputs: Any = None
 
     # generation state
     output_ids: list[int] = field(default_factory=list)
@@ -85,6 +92,15 @@ class Request:
         return len(self.output_ids)
 
     @property
+    def max_prefix_len(self) -> int:
+        """Tokens the prefix cache may supply: all but the last (its logits sample the next token),
+        and none from the first position whose logprobs or hidden states are still to be returned."""
+        n = self.num_tokens - 1
+        if self.extra_outputs is not None:
+            n = min(n, self.extra_outputs.first_pending_position)
+        return n
+
+    @property
     def remaining_new_tokens(self) -> int:
         """Upper bound on tokens still to generate (max_new_tokens and the context both cap it)."""
         by_params = self.params.max_new_tokens - self.num_output
@@ -98,11 +114,14 @@ class Request:
     # --- generation --------------------------------------------------------------
     def append_token(self, token_id: int) -> None:
         """Record a sampled token and decide whether the request is done."""
+        p = self.params
+        if p.max_new_tokens == 0:  # a prompt-only request (prompt logprobs, hidden states): done
+            return self.finish(FinishReason("length", None))
         self.output_ids.append(token_id)
         self.token_ids.append(token_id)
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-        p = self.params
+        grammar_ok = self.grammar is None or self.grammar.accept(token_id)
         stop_token = self.num_output > p.min_new_tokens - 1 and (
             (p.stop_token_ids is not None and token_id in p.stop_token_ids)
             or (not p.ignore_eos and token_id in self.eos_token_ids)
@@ -111,6 +130,10 @@ class Request:
         if self.detokenizer is not None and (not stop_token or p.no_stop_trim):
             self.output_text += self.detokenizer.add(token_id)
         if stop_token:
+            return self.finish(FinishReason("stop", token_id))
+        if not grammar_ok:  # only when another constraint (e.g. min_new_tokens) overrode the grammar
+            return self.finish(FinishReason("abort", None, f"structured output: token {token_id} breaks the grammar"))
+        if self.grammar is not None and self.grammar.is_terminated():
             return self.finish(FinishReason("stop", token_id))
         # Stop strings end a request even before min_new_tokens: the detokenizer has already
         # withheld the match, and emitting past it would break the stream's contract.

@@ -2,7 +2,7 @@
 
 Order of operations (the same as SGLang and vLLM):
   logit_bias -> penalties (repetition, frequency, presence) -> min_new_tokens stop-token mask
-  -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
+  -> structured-output (grammar) mask -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
 
 Draws use the "exponential race": argmax(p / E) with E ~ Exp(1) i.i.d. per token is an exact
 sample from p, needs no normalisation after the top-k/p/min-p masks, and makes seeding easy: a
@@ -42,6 +42,8 @@ class SamplingBatchInfo:
     repetition_penalties: torch.Tensor | None  # [B, 1]
     # Additive bias: logit_bias and the min_new_tokens ban on stop tokens (None when unused).
     bias: torch.Tensor | None  # [B, V] float32
+    # Structured output: True where the row's grammar allows the token (None when no row has one).
+    vocab_mask: torch.Tensor | None = None  # [B, V] bool
 
     @classmethod
     def build(
@@ -53,7 +55,9 @@ class SamplingBatchInfo:
         vocab_size: int,
         device: torch.device,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        vocab_bitmask: torch.Tensor | None = None,
     ) -> "SamplingBatchInfo":
+        """vocab_bitmask: the host int32 bitmask of structured.fill_bitmask, or None."""
         B, V = len(params), vocab_size
         greedy = [p.is_greedy for p in params]
 
@@ -77,6 +81,7 @@ class SamplingBatchInfo:
             steps=[len(o) for o in output_ids],
             **info_penalties,
             bias=_bias(params, output_ids, V, device, eos_token_ids),
+            vocab_mask=_vocab_mask(vocab_bitmask, V, device),
         )
 
 
@@ -130,6 +135,14 @@ def _bias(params, output_ids, V, device, eos_token_ids) -> torch.Tensor | None:
     return bias.to(device)
 
 
+def _vocab_mask(bitmask: torch.Tensor | None, V: int, device: torch.device) -> torch.Tensor | None:
+    if bitmask is None:
+        return None
+    from pipeline_infer.structured import unpack_bitmask
+
+    return unpack_bitmask(bitmask.to(device, non_blocking=True), V)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         logits = self.adjust_logits(logits.float(), info)
@@ -142,7 +155,7 @@ class Sampler:
 
     @staticmethod
     def adjust_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-        """logit_bias, penalties and the min_new_tokens mask, applied in that order."""
+        """logit_bias, penalties, the min_new_tokens mask and the grammar mask, in that order."""
         if info.output_counts is not None:
             rep = info.repetition_penalties
             penalised = torch.where(logits > 0, logits / rep, logits * rep)
@@ -151,6 +164,8 @@ class Sampler:
             logits = logits - info.presence_penalties * (info.output_counts > 0).float()
         if info.bias is not None:
             logits = logits + info.bias
+        if info.vocab_mask is not None:
+            logits = torch.where(info.vocab_mask, logits, _MASK)
         return logits
 
     @staticmethod

@@ -8,6 +8,7 @@ TypeError naming the field and what is allowed; the engine rejects the request, 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass, fields
@@ -111,6 +112,8 @@ class SamplingParams:
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise TypeError(f"sampling parameter 'logit_bias' must be a dict token_id -> bias, got {self.logit_bias!r}")
+        if isinstance(self.json_schema, dict):  # a schema given as a dict: SGLang takes its JSON text
+            self.json_schema = json.dumps(self.json_schema)
         for name in ("json_schema", "regex", "ebnf", "structural_tag"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
@@ -153,10 +156,16 @@ class SamplingParams:
         constraints = [k for k in ("json_schema", "regex", "ebnf", "structural_tag") if getattr(self, k) is not None]
         if len(constraints) > 1:
             raise ValueError(f"only one of json_schema, regex, ebnf, structural_tag may be set, got {constraints}")
-        if constraints:
-            raise ValueError(
-                f"{constraints[0]} (structured output) is not supported by this version of pipeline-infer yet"
-            )
+        if self.structural_tag is not None:
+            raise ValueError("structural_tag is not supported; use json_schema, regex or ebnf")
+        if self.json_schema is not None:
+            try:
+                json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from None
+        for name in ("regex", "ebnf"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must be a non-empty string")
         if vocab_size is not None:
             for t in self.stop_token_ids or []:
                 if not 0 <= t < vocab_size:

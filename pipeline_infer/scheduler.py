@@ -34,7 +34,7 @@ Memory policy
 
 Scheduling policies (`schedule_policy`)
 ---------------------------------------
-All three share two rules. Retracted requests go first, oldest first (they were running;
+All of them share two rules. Retracted requests go first, oldest first (they were running;
 resuming them first bounds their delay and stops newer work from starving them). And, with
 the prefix cache on, a waiting request whose uncached prefix is being prefilled right now by
 another request (admitted earlier, or earlier in this step) waits for that prefill to land in
@@ -60,6 +60,11 @@ prompt, one prefills and the others reuse its pages one step later.
   go first, and one that would need chunking only takes what budget is left; a request that
   does not fit in memory is skipped (up to `_PACK_LOOKAHEAD` of them) for smaller ones behind
   it instead of blocking the queue. The policy recommended for `generate` over a batch.
+- "auto" (the engine's default): "batch" for batch submissions, "fcfs" for the rest. A
+  request is a batch submission (`Request.batch_job`) when one `generate` call submitted it
+  with others (a list of prompts, or `n > 1`), as the dataflow operators do. Single
+  submissions, latency-bound, are tried first in arrival order (head-of-line, as in fcfs);
+  the batch submissions behind them are ordered and packed as in "batch".
 """
 
 from __future__ import annotations
@@ -223,8 +228,8 @@ class Scheduler:
         conservativeness: float = 1.0,
         prefix_cache: PrefixCache | None = None,
     ):
-        if schedule_policy not in ("fcfs", "lpm", "batch"):
-            raise ValueError(f"schedule_policy must be 'fcfs', 'lpm' or 'batch', got {schedule_policy!r}")
+        if schedule_policy not in ("auto", "fcfs", "lpm", "batch"):
+            raise ValueError(f"schedule_policy must be 'auto', 'fcfs', 'lpm' or 'batch', got {schedule_policy!r}")
         self.allocator = allocator
         self.page_size = page_size
         self.max_running_requests = max_running_requests
@@ -331,7 +336,6 @@ class Scheduler:
         reserved = sum(self._future_pages(r) for r in self.running)
         if self.allocator.num_free + self._evictable() - reserved < 1:
             return []  # every admission needs a page for at least its last prompt token
-        batch_policy = self.schedule_policy == "batch"
         cached: dict[int, int] = {}  # id(req) -> cached prefix length, probed once per step
         admitted: list[Request] = []
         deferred: list[Request] = []  # batch: would need chunking; gets what budget is left
@@ -342,7 +346,8 @@ class Scheduler:
             if self._held(req, cached):
                 self.num_held += 1
                 continue
-            if batch_policy and not req.num_retractions and req.num_tokens - self._cached_len(req, cached) > budget:
+            packed = self._is_batch_job(req)
+            if packed and not req.num_retractions and req.num_tokens - self._cached_len(req, cached) > budget:
                 deferred.append(req)
                 continue
             ok, reserved = self._try_admit(req, reserved)
@@ -351,7 +356,7 @@ class Scheduler:
                 # starved. batch: look past it for requests that fit, but never past a retracted
                 # request (it must resume before newer work takes its memory again).
                 misses += 1
-                if not batch_policy or req.num_retractions or misses > _PACK_LOOKAHEAD:
+                if not packed or req.num_retractions or misses > _PACK_LOOKAHEAD:
                     break
                 continue
             admitted.append(req)
@@ -392,11 +397,15 @@ class Scheduler:
         if self._inflight is not None:
             self._inflight.add(req)  # its prefill is in flight until its sampling chunk lands
         self._num_admitted += 1
-        if self.schedule_policy == "batch":
+        if self._is_batch_job(req):
             if len(self._group_recency) > 4 * _POLICY_WINDOW:
                 self._group_recency.clear()  # bounded; only the recent groups matter
             self._group_recency[tuple(req.token_ids[:_GROUP_KEY_TOKENS])] = self._num_admitted
         return True, reserved + self._future_pages(req)
+
+    def _is_batch_job(self, req: Request) -> bool:
+        """Whether req is scheduled as a batch job: look past it when it does not fit, pack it."""
+        return self.schedule_policy == "batch" or (self.schedule_policy == "auto" and req.batch_job)
 
     def _ordered_waiting(self, cached: dict[int, int]) -> list[Request]:
         """Waiting requests in the order admission tries them (see the module docstring).
@@ -407,36 +416,45 @@ class Scheduler:
         policy = self.schedule_policy
         if policy == "fcfs" or (policy == "lpm" and self.prefix_cache is None):
             return list(self.waiting)
+        if policy == "auto" and not any(r.batch_job for r in self.waiting):
+            return list(self.waiting)
         head = list(itertools.islice(self.waiting, _POLICY_WINDOW))
         k = 0
         while k < len(head) and head[k].num_retractions:
             k += 1
         resumed, window = head[:k], head[k:]
         rest = list(itertools.islice(self.waiting, _POLICY_WINDOW, None))
-        for r in window:
-            self._cached_len(r, cached)
         if policy == "lpm":
+            for r in window:
+                self._cached_len(r, cached)
             # sort() is stable: equal cached prefixes keep arrival order.
             window.sort(key=lambda r: -cached[id(r)])
-        else:
-            groups: dict[tuple[int, ...], list[Request]] = {}
-            for r in window:
-                groups.setdefault(tuple(r.token_ids[:_GROUP_KEY_TOKENS]), []).append(r)
-            recent = self._group_recency
-            # Longest cached prefix first; among equals, the group admitted from most recently
-            # (finish the group in progress while its prefix is hot), then first arrival (dicts
-            # keep insertion order and sorted() is stable).
-            ordered = sorted(
-                groups.items(), key=lambda kv: (-max(cached[id(r)] for r in kv[1]), -recent.get(kv[0], -1))
+        elif policy == "batch":
+            window = self._batch_order(window, cached)
+        else:  # auto: single submissions first, in arrival order, then the batch jobs
+            window = [r for r in window if not r.batch_job] + self._batch_order(
+                [r for r in window if r.batch_job], cached
             )
-            window = [r for _, g in ordered for r in sorted(g, key=lambda r: -cached[id(r)])]
         return resumed + window + rest
+
+    def _batch_order(self, reqs: list[Request], cached: dict[int, int]) -> list[Request]:
+        """The "batch" policy's order: groups of shared leading tokens, most cached first."""
+        groups: dict[tuple[int, ...], list[Request]] = {}
+        for r in reqs:
+            self._cached_len(r, cached)
+            groups.setdefault(tuple(r.token_ids[:_GROUP_KEY_TOKENS]), []).append(r)
+        recent = self._group_recency
+        # Longest cached prefix first; among equals, the group admitted from most recently
+        # (finish the group in progress while its prefix is hot), then first arrival (dicts
+        # keep insertion order and sorted() is stable).
+        ordered = sorted(groups.items(), key=lambda kv: (-max(cached[id(r)] for r in kv[1]), -recent.get(kv[0], -1)))
+        return [r for _, g in ordered for r in sorted(g, key=lambda r: -cached[id(r)])]
 
     def _cached_len(self, req: Request, memo: dict[int, int]) -> int:
         """Tokens of req's prefix in the tree (whole pages; a side-effect-free probe), memoized."""
         n = memo.get(id(req))
         if n is None:
-            n = 0 if self.prefix_cache is None else self.prefix_cache.match_len(req.token_ids[: req.num_tokens - 1])
+            n = 0 if self.prefix_cache is None else self.prefix_cache.match_len(req.token_ids[: req.max_prefix_len])
             memo[id(req)] = n
         return n
 
@@ -449,18 +467,19 @@ class Scheduler:
         if self._inflight is None or not self._inflight.members or req.num_retractions:
             return False  # a resumed request goes first; at worst a few pages are computed twice
         ps = self.page_size
-        shared = self._inflight.shared(req.token_ids[: req.num_tokens - 1]) // ps * ps
+        shared = self._inflight.shared(req.token_ids[: req.max_prefix_len]) // ps * ps
         if shared == 0:
             return False
         in_flight = shared - self._cached_len(req, cached)
-        own = (req.num_tokens - 1) // ps * ps - self._cached_len(req, cached)
+        own = req.max_prefix_len // ps * ps - self._cached_len(req, cached)
         return in_flight > 0 and in_flight >= min(_HOLD_MIN_TOKENS, own)
 
     def _match(self, req: Request) -> tuple[list[int], int, Any]:
         if self.prefix_cache is None:
             return [], 0, None
-        # Leave at least one token to compute: its logits sample the next token.
-        result = self.prefix_cache.match_prefix(req.token_ids[: req.num_tokens - 1])
+        # Leave at least one token to compute (its logits sample the next token), and every
+        # position whose logprobs or hidden states the request still has to return.
+        result = self.prefix_cache.match_prefix(req.token_ids[: req.max_prefix_len])
         return list(result.pages), result.num_tokens, result.node
 
     def _prefill_chunk(self, req: Request, budget: int) -> ScheduledChunk:

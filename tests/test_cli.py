@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -71,3 +72,18 @@ def test_generate_job_end_to_end_and_resume(bundled_engine, tmp_path, capsys):
     assert "skipped 2 finished part(s) (3 rows)" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
     assert "wrote 2 part(s)" in capsys.readouterr().err
+    limited = [a if a != str(tmp_path / "out") else str(tmp_path / "limited") for a in args]
+    assert main(limited + ["--limit", "1"]) == 0
+    assert "wrote 1 part(s), 1 row(s)" in capsys.readouterr().err
+    assert pq.read_table(tmp_path / "limited").column("topic").to_pylist() == ["the sea"]
+
+
+def test_installed_console_script(tmp_path):
+    # `pip install` puts a `pipeline-infer` script next to the interpreter (pyproject's [project.scripts]).
+    script = os.path.join(os.path.dirname(sys.executable), "pipeline-infer")
+    if not os.path.exists(script):
+        pytest.skip(f"no console script at {script}: the package is not installed in this interpreter's environment")
+    out = subprocess.run([script, "generate", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and "--prompt-column" in out.stdout
+    out = subprocess.run([script, "generate", "-i", "x.jsonl", "-o", "o"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "exactly one of --prompt-column" in out.stderr

@@ -32,7 +32,8 @@ def _prompts(seed: int, n: int = 12) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return {f: make_tiny_model(str(tmp_path_factory.mktemp(f)), f) for f in FAMILIES}
+    # head_dim 64: the smallest head size every backend supports (FlashInfer has no 16 or 32).
+    return {f: make_tiny_model(str(tmp_path_factory.mktemp(f)), f, head_dim=64) for f in FAMILIES}
 
 
 def _check_against_hf(hf_model, prompts, outputs, dtype, tol):
@@ -58,6 +59,12 @@ CASES = [
     ("triton", True, "float32", 0.02),  # Triton runs fp32 dots as TF32
     ("torch", False, "float32", 0.02),
 ]
+try:
+    import flashinfer  # noqa: F401
+
+    CASES += [("flashinfer", True, "bfloat16", 0.08), ("flashinfer", False, "bfloat16", 0.08)]
+except ImportError:
+    pass
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -131,3 +138,29 @@ def test_shutdown_returns_gpu_memory(checkpoints):
     assert during - before > 64 << 20
     # cuBLAS keeps a workspace per stream (tens of MiB) in the caching allocator: allowed.
     assert after - before < 128 << 20, f"{(after - before) >> 20} MiB still allocated after shutdown"
+
+
+def test_engine_behaviours_hold_on_gpu(checkpoints):
+    """Streaming, radix on/off equality, preemption and n > 1 on the GPU path (Triton + graphs)."""
+    directory, _ = checkpoints["qwen3"]
+    rng = random.Random(5)
+    system = [rng.randrange(3, VOCAB) for _ in range(100)]
+    prompts = [system + [rng.randrange(3, VOCAB) for _ in range(rng.randint(5, 40))] for _ in range(16)]
+    sp = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
+    common = dict(device="cuda", dtype="float32", page_size=16, cuda_graph_max_bs=16)
+    with Engine(directory, disable_radix_cache=True, **common) as llm:
+        reference = [o["output_ids"] for o in llm.generate(input_ids=prompts, sampling_params=sp)]
+    with Engine(directory, **common) as llm:
+        outs = llm.generate(input_ids=prompts, sampling_params=sp)
+        assert [o["output_ids"] for o in outs] == reference
+        assert sum(o["meta_info"]["cached_tokens"] > 0 for o in outs) >= len(prompts) - 1
+        streamed = [c for c in llm.generate(input_ids=prompts[0], sampling_params=sp, stream=True)]
+        assert streamed[-1]["output_ids"] == reference[0]
+        samples = llm.generate(input_ids=prompts[1], sampling_params={**sp, "n": 3})
+        assert [s["output_ids"] for s in samples] == [reference[1]] * 3
+    # A pool of 40 pages of 16 tokens cannot hold 16 sequences of ~170 tokens: requests wait
+    # or are retracted and resumed, with the same greedy outputs.
+    with Engine(directory, max_total_tokens=640, schedule_conservativeness=0.02, **common) as llm:
+        outs = llm.generate(input_ids=prompts, sampling_params=sp)
+        assert [o["output_ids"] for o in outs] == reference
+        assert llm.get_server_info()["num_retractions"] > 0, "the pool was meant to force preemption"

@@ -128,7 +128,7 @@ def test_arrow_table_and_record_batch_in_give_the_same_type_out(engine):
 
 
 def test_dict_batch_with_numpy_columns_and_keep_input_columns(engine):
-    np = pytest.importorskip("numpy")
+    import numpy as np
     out = op_(prompt_column="text", keep_input_columns=True)({"text": np.array(PROMPTS[:2], dtype=object), "x": [1, 2]})
     assert out["x"] == [1, 2] and out["generated_text"] == ref_texts(engine, PROMPTS[:2])
 
@@ -274,7 +274,7 @@ def test_fingerprint_is_stable_across_processes_and_tracks_configuration():
 
 
 def test_datasets_map_adds_columns_and_is_cached(engine, tmp_path, count_calls):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the dev extra: a missing package fails, it does not skip
     datasets.Dataset.from_dict({"text": PROMPTS, "id": list(range(len(PROMPTS)))}).save_to_disk(str(tmp_path / "ds"))
     ds = datasets.load_from_disk(str(tmp_path / "ds"))  # file-backed: map results are cached
     op = op_(prompt_column="text")
@@ -284,15 +284,19 @@ def test_datasets_map_adds_columns_and_is_cached(engine, tmp_path, count_calls):
     assert out["generated_text"] == ref_texts(engine, PROMPTS)
     calls = len(count_calls)
     assert calls == 3
+    cache = [f["filename"] for f in out.cache_files]
+    assert len(cache) == 1 and cache[0].startswith(str(tmp_path / "ds"))  # map wrote a cache file
     again = ds.map(op_(prompt_column="text"), batched=True, batch_size=2)  # an equal op, a new object
     assert len(count_calls) == calls and again["generated_text"] == out["generated_text"]
+    assert [f["filename"] for f in again.cache_files] == cache  # loaded from that file
     hotter = op_(prompt_column="text", sampling_params={"temperature": 0.7, "max_new_tokens": 6})
-    ds.map(hotter, batched=True, batch_size=2)
+    hot = ds.map(hotter, batched=True, batch_size=2)
     assert len(count_calls) == calls + 3
+    assert [f["filename"] for f in hot.cache_files] != cache
 
 
 def test_datasets_map_with_arrow_format_and_indices(engine):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the dev extra: a missing package fails, it does not skip
     ds = datasets.Dataset.from_dict({"text": PROMPTS}).with_format("arrow")
     out = ds.map(op_(prompt_column="text"), batched=True, batch_size=3)
     assert out.column_names[:2] == ["text", "generated_text"]
@@ -306,14 +310,40 @@ def test_datasets_map_with_arrow_format_and_indices(engine):
 # --- streaming runner ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("batch_size,window", [(2, 1), (3, 3)])
-def test_stream_generate_keeps_input_order_whatever_the_window(engine, batch_size, window, count_calls):
+@pytest.fixture(scope="module")
+def greedy_refs(engine):
+    return ref_texts(engine, PROMPTS)
+
+
+# (rows per engine call, batches in flight, rows per input batch): one row a call, more rows
+# than the input holds, a window wider than the stream, input batches cut across op batches.
+@pytest.mark.parametrize("batch_size,window,chunk", [(2, 1, 2), (3, 3, 2), (1, 2, 3), (8, 2, 1), (4, 8, 5)])
+def test_stream_generate_keeps_input_order_whatever_the_window(engine, greedy_refs, batch_size, window, chunk, count_calls):
     table = pa.table({"text": PROMPTS, "i": list(range(len(PROMPTS)))})
-    batches = table.to_batches(max_chunksize=2)
+    batches = table.to_batches(max_chunksize=chunk)
     out = pa.Table.from_batches(list(stream_generate(op_(prompt_column="text"), batches, batch_size=batch_size, window=window)))
     assert out.column("i").to_pylist() == list(range(len(PROMPTS)))
-    assert out.column("generated_text").to_pylist() == ref_texts(engine, PROMPTS)
-    assert count_calls == [batch_size] * (len(PROMPTS) // batch_size) + ([len(PROMPTS) % batch_size] if len(PROMPTS) % batch_size else [])
+    assert out.column("generated_text").to_pylist() == greedy_refs
+    full, rest = divmod(len(PROMPTS), batch_size)
+    assert sorted(count_calls, reverse=True) == [batch_size] * full + ([rest] if rest else [])
+
+
+def test_stream_generate_pulls_its_input_lazily(engine):
+    # Bounded memory: the runner holds at most `window` batches, so it must not read ahead
+    # of them; a stream longer than memory is fine.
+    pulled = []
+
+    def source():
+        for i in range(6):
+            pulled.append(i)
+            yield pa.record_batch({"text": [PROMPTS[i % len(PROMPTS)]], "i": [i]})
+
+    op = op_(prompt_column="text", sampling_params={"temperature": 0, "max_new_tokens": 1})
+    stream = stream_generate(op, source(), batch_size=1, window=2)
+    first = next(stream)
+    assert first.column("i").to_pylist() == [0] and len(pulled) <= 3
+    rest = list(stream)
+    assert [b.column("i").to_pylist() for b in rest] == [[i] for i in range(1, 6)] and len(pulled) == 6
 
 
 def test_stream_generate_overlaps_batches_in_the_engine(engine, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,7 +141,8 @@ def test_memory_fs_job_resumes_and_never_reuses_stale_parts(engine, count_calls)
 
 def test_bad_rows_are_written_with_errors_and_the_rest_generates(engine, tmp_path):
     fs = fsspec.filesystem("file")
-    path = str(tmp_path / "bad.jsonl")
+    (tmp_path / "in").mkdir()
+    path = str(tmp_path / "in" / "a_bad.jsonl")
     write_jsonl(fs, path, [
         {"k": 0, "text": TEXTS[0]},
         {"k": 1, "text": None},
@@ -152,9 +154,21 @@ def test_bad_rows_are_written_with_errors_and_the_rest_generates(engine, tmp_pat
         {"k": 7},
         {"k": 8, "text": TEXTS[1]},
     ])
-    result = run_job(text_op(max_prompt_tokens=20), path, str(tmp_path / "out"), batch_size=4, progress=False)
-    out = read_output(fs, str(tmp_path / "out")).to_pydict()
-    assert len(out["error"]) == 9 and result.row_errors == 7
+    # Parquet with a binary prompt column: bytes are decoded as UTF-8 where they are UTF-8.
+    binary = pa.array([TEXTS[2].encode(), b"\xff\xfe not utf-8", None, b"", ("word " * 40).encode()], pa.binary())
+    pq.write_table(pa.table({"k": [9, 10, 11, 12, 13], "text": binary}), tmp_path / "in" / "b_bad.parquet")
+    result = run_job(text_op(max_prompt_tokens=20), str(tmp_path / "in"), str(tmp_path / "out"), batch_size=4, progress=False)
+    assert result.rows_generated == 14 and result.row_errors == 7 + 4
+    parts = sorted(os.listdir(tmp_path / "out"))
+    assert [p.split("-")[0] for p in parts] == ["a_bad", "b_bad"]
+    parquet_rows = pq.read_table(tmp_path / "out" / parts[1]).to_pydict()
+    assert parquet_rows["k"] == [9, 10, 11, 12, 13]
+    assert parquet_rows["error"][0] is None and parquet_rows["generated_text"][0] == greedy_texts(engine, [TEXTS[2]])[0]
+    assert "not valid UTF-8" in parquet_rows["error"][1] and "null" in parquet_rows["error"][2]
+    assert "empty" in parquet_rows["error"][3] and "over the limit of 20" in parquet_rows["error"][4]
+    assert parquet_rows["generated_text"][1:] == [None] * 4
+    out = pq.read_table(tmp_path / "out" / parts[0]).to_pydict()
+    assert out["k"][:3] + out["k"][6:] == [0, 1, 2, 6, 7, 8] and len(out["error"]) == 9
     errors = out["error"]
     assert errors[0] is None and errors[8] is None
     assert "null" in errors[1] and "empty" in errors[2] and "not valid UTF-8" in errors[3]
@@ -228,9 +242,12 @@ def test_input_errors_are_clear(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    # moto[server] and s3fs are in the dev extra: a missing one fails here rather than skipping.
+    import moto.server
+    import s3fs  # noqa: F401  (the s3:// filesystem fsspec loads)
+
+    # moto's server mode: a real HTTP S3 endpoint, on a port the OS picks, in this process.
+    server = moto.server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
@@ -258,6 +275,32 @@ def test_job_over_s3(tiny, s3):
                     storage_options=options, progress=False)
     assert again.parts_written == [] and len(again.parts_skipped) == 4
     assert not [p for p in fs.ls("jobs/out", refresh=True) if os.path.basename(p).startswith(".")]
+    # Another sampling configuration: every part is regenerated, none reused.
+    shorter = ids_op(path, sampling_params={"temperature": 0, "max_new_tokens": 1})
+    changed = run_job(shorter, "s3://jobs/in", "s3://jobs/out", batch_size=3, rows_per_part=4,
+                      storage_options=options, progress=False)
+    assert changed.parts_skipped == [] and sorted(changed.parts_replaced) == sorted(r.parts_written)
+    assert read_output(fs, "jobs/out").column("output_ids").to_pylist() == [o["output_ids"][:1] for o in ref]
+
+
+def test_cli_job_over_s3_with_storage_options(tiny, s3, capsys):
+    from pipeline_infer.cli import main
+
+    path, engine = tiny
+    fs, options = s3
+    rows = id_rows(3)
+    write_jsonl(fs, "jobs/cli/in.jsonl", [{"ids": i} for i in rows["ids"]])
+    args = ["generate", "-i", "s3://jobs/cli/in.jsonl", "-o", "s3://jobs/cli/out", "--input-ids-column", "ids",
+            "--model", path, "--engine-option", "random_seed=0", "--temperature", "0", "--max-new-tokens", "2",
+            "--limit", "2", "--output-ids", "--no-progress"] + [f"--storage-option={k}={v}" for k, v in options.items()]
+    assert main(args) == 0
+    assert "wrote 1 part(s), 2 row(s)" in capsys.readouterr().err
+    out = read_output(fs, "jobs/cli/out")
+    assert out.column("ids").to_pylist() == rows["ids"][:2]
+    ref = engine.generate(input_ids=rows["ids"][:2], sampling_params={"temperature": 0, "max_new_tokens": 2})
+    assert out.column("output_ids").to_pylist() == [o["output_ids"] for o in ref]
+    meta = json.loads(pq.read_schema(fs.open(fs.ls("jobs/cli/out")[0], "rb")).metadata[b"pipeline_infer"])
+    assert meta["sampling_params"] == {"max_new_tokens": 2, "temperature": 0.0} and meta["ended_by"] == "limit"
 
 
 # --- crash safety ----------------------------------------------------------------------------------------------
@@ -294,6 +337,7 @@ def test_a_killed_job_reruns_to_exactly_the_input_rows(tiny, tmp_path):
     proc.wait()
     done_before = {p: os.path.getmtime(out_dir / p) for p in os.listdir(out_dir) if p.endswith(".parquet")}
     assert 0 < len(done_before) < n // 4
+    shutil.copytree(out_dir, tmp_path / "killed")  # the same crash, for the changed-configuration rerun below
 
     op = GenerateOp(input_ids_column="ids", model=path, engine_options=OPTS, output_ids=True,
                     sampling_params={"temperature": 1.0, "max_new_tokens": 48, "ignore_eos": True})
@@ -310,6 +354,16 @@ def test_a_killed_job_reruns_to_exactly_the_input_rows(tiny, tmp_path):
     assert read_output(fsspec.filesystem("file"), str(tmp_path / "fresh")).column("output_ids").equals(out.column("output_ids"))
     assert fresh.rows_generated == n
 
+    # After the same crash, a rerun with another configuration reuses none of the killed run's parts.
+    changed = GenerateOp(input_ids_column="ids", model=path, engine_options=OPTS, output_ids=True,
+                         sampling_params={"temperature": 1.0, "max_new_tokens": 3, "ignore_eos": True})
+    redo = run_job(changed, str(tmp_path / "rows.parquet"), str(tmp_path / "killed"), batch_size=8, rows_per_part=4,
+                   progress=False)
+    assert redo.parts_skipped == [] and set(redo.parts_replaced) == set(done_before) and redo.rows_generated == n
+    out = read_output(fsspec.filesystem("file"), str(tmp_path / "killed"))
+    assert out.column("row").to_pylist() == list(range(n))
+    assert all(len(ids) == 3 for ids in out.column("output_ids").to_pylist())
+
 
 def test_an_output_folder_inside_the_input_folder_is_not_read_back(tiny, tmp_path):
     path, _ = tiny
@@ -317,3 +371,22 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_back(tiny, tmp_pat
     first = run_job(ids_op(path), str(tmp_path), str(tmp_path / "out"), progress=False)
     again = run_job(ids_op(path), str(tmp_path), str(tmp_path / "out"), progress=False)
     assert len(first.parts_written) == 1 and again.parts_skipped == first.parts_written and again.parts_written == []
+
+
+# --- progress ---------------------------------------------------------------------------------------------------
+
+
+def test_progress_bar_shows_rows_tokens_per_second_and_a_token_eta(capsys, monkeypatch):
+    from pipeline_infer.operators import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress, "_now", lambda: clock[0])
+    bar = progress.JobProgress(10, enabled=True)
+    bar.skip(2)  # finished by an earlier run
+    clock[0] += 10
+    bar.done(4, 100, 1)  # 4 rows, 100 tokens in 10 s: 10 tok/s, 25 tokens a row
+    bar.close()
+    err = capsys.readouterr().err
+    # 4 rows left x 25 tokens / 10 tok/s = 10 s
+    assert "6/10" in err and "row" in err and "tok/s=10" in err and "eta=00:10" in err
+    assert "skipped=2" in err and "errors=1" in err

@@ -20,7 +20,7 @@ from pipeline_infer import Engine
 from tiny_models import VOCAB, hf_greedy, make_tiny_model
 
 GROUPS, PER_GROUP = 4, 6
-POLICIES = ("fcfs", "lpm", "batch")
+POLICIES = ("fcfs", "lpm", "batch", "auto")  # "auto", the default, runs these batch submissions as "batch"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def assert_all_pages_accounted(llm: Engine) -> None:
 def test_shared_prefix_batch_radix_on_off_every_policy(tiny, workload, page_size):
     """Greedy outputs are identical (and equal HF's) with the radix cache off and on, under each
     policy. With it on, exactly one request per group computes the group prefix: every other
-    request reports cached_tokens > 0. This holds for all three policies, since each lets a
+    request reports cached_tokens > 0. This holds for every policy, since each lets a
     request wait for an in-flight prefill of its prefix; they differ in order, not in sharing."""
     directory, _ = tiny
     prompts, groups, prefix_lens, max_new, expected = workload
@@ -176,3 +176,77 @@ def test_second_batch_reuses_first_and_tree_survives_pressure(tiny, workload):
         assert [o["output_ids"] for o in second] == expected
         assert all(o["meta_info"]["cached_tokens"] > 0 for o in second)
         assert_all_pages_accounted(llm)
+
+
+def test_flush_cache_refused_while_requests_run(tiny):
+    """flush_cache empties the tree only when nothing runs; while a request runs it raises a
+    RuntimeError saying why, and the engine keeps serving."""
+    directory, hf_model = tiny
+    prompt = [5 + i % 300 for i in range(37)]
+    greedy = {"temperature": 0, "max_new_tokens": 4}
+    with Engine(directory, page_size=4, max_total_tokens=4096) as llm:
+        assert llm.generate(input_ids=prompt, sampling_params=greedy)["meta_info"]["cached_tokens"] == 0
+        assert llm.generate(input_ids=prompt, sampling_params=greedy)["meta_info"]["cached_tokens"] == 36
+        stream = llm.generate(
+            input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}, stream=True
+        )
+        next(stream)  # the request is running now, with 399 tokens to go
+        with pytest.raises(RuntimeError, match="flush_cache refused: 1 running and 0 waiting"):
+            llm.flush_cache()
+        stream.close()  # abandoning the stream aborts the request (queued before the read below)
+        _, tree, _, _ = page_accounting(llm)
+        assert tree > 0, "the refused flush must not have emptied the tree"
+        llm.flush_cache()
+        out = llm.generate(input_ids=prompt, sampling_params=greedy)
+        assert out["meta_info"]["cached_tokens"] == 0  # the flush emptied it
+        assert out["output_ids"] == hf_greedy(hf_model, prompt, 4)
+        assert_all_pages_accounted(llm)
+
+
+def test_default_policy_treats_multi_request_calls_as_batch_jobs(tiny):
+    """schedule_policy defaults to "auto": a generate call that submits several requests (a
+    list, or n > 1) marks them batch jobs, a call for one prompt does not."""
+    directory, _ = tiny
+    with Engine(directory, max_total_tokens=1024) as llm:
+        assert llm.get_server_info()["schedule_policy"] == "auto"
+        assert llm._scheduler.schedule_policy == "auto"
+        one, _ = llm._make_requests(None, None, [3, 4, 5], None)
+        many, _ = llm._make_requests(None, None, [[3, 4, 5], [6, 7]], None)
+        samples, _ = llm._make_requests(None, {"n": 2}, [3, 4, 5], None)
+        assert [r.batch_job for r in one] == [False]
+        assert [r.batch_job for r in many] == [True, True]
+        assert [r.batch_job for r in samples] == [True, True]
+
+
+def _shared_prefix_workload(vocab_size: int):
+    """workloads.json "shared-prefix" through the benchmark's own generator, scaled down further."""
+    import importlib.util
+    import os
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+    spec = importlib.util.spec_from_file_location("radix_cpu", os.path.join(here, "radix_cpu.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    workload, _ = bench.load_workload([os.path.join(here, "workloads.json")])
+    assert workload["seed"] == 1 and workload["prefix_len"] == 1024  # the real entry, not a fallback
+    workload.update(num_groups=2, prompts_per_group=3, prefix_len=96, suffix_len=[8, 24], output_len=[6, 10])
+    return bench.make_workload(workload, vocab_size)
+
+
+def test_bundled_model_shared_prefix_radix_on_off(bundled_engine):
+    """The done-means check on the real model: the "shared-prefix" workload (scaled down), greedy,
+    gives identical outputs with the radix cache on and off, and every request but the first of
+    each group reuses the group's prefix."""
+    prompts, out_lens, groups = _shared_prefix_workload(bundled_engine.vocab_size)
+    params = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in out_lens]
+    bundled_engine.flush_cache()  # the session's engine: start from an empty tree
+    on = bundled_engine.generate(input_ids=prompts, sampling_params=params)
+    with Engine(disable_radix_cache=True, max_total_tokens=2048) as llm:
+        off = llm.generate(input_ids=prompts, sampling_params=params)
+    assert [o["output_ids"] for o in on] == [o["output_ids"] for o in off]
+    assert [len(o["output_ids"]) for o in on] == out_lens
+    assert all(o["meta_info"]["cached_tokens"] == 0 for o in off)
+    for g in set(groups):
+        mine = sorted(o["meta_info"]["cached_tokens"] for o, gg in zip(on, groups) if gg == g)
+        assert mine[0] == 0 and all(c >= 96 for c in mine[1:]), (g, mine)
+    bundled_engine.flush_cache()

@@ -458,6 +458,83 @@ def test_batch_packs_whole_prompts_before_chunking():
     assert all(r.output_ids == expected_output(r.prompt_ids, 8) for r in reqs)
 
 
+def test_auto_runs_batch_submissions_as_batch_jobs():
+    """The default policy ("auto"): requests submitted together (batch_job) are grouped like
+    under "batch"; the same requests submitted one by one keep arrival order like "fcfs"."""
+    rng = random.Random(6)
+    prefixes = [rand_ids(rng, 80) for _ in range(3)]
+    suffixes = [rand_ids(rng, 5) for _ in range(9)]
+    for batch_job, expected_runs in ((True, 3), (False, 9)):
+        alloc, cache, sched = radix_sched(
+            1, 4000, max_running_requests=1, chunked_prefill_size=4000, schedule_policy="auto"
+        )
+        runner = FakeRunner(1)
+        for g, p in enumerate(prefixes):
+            sched.add(req(f"warm{g}", p + [1], 1))
+        run_checked(sched, runner)
+        reqs = [req(f"g{i % 3}-{i}", prefixes[i % 3] + suffixes[i], 2) for i in range(9)]
+        for r in reqs:
+            r.batch_job = batch_job
+            sched.add(r)
+        order = []
+        run_checked(sched, runner, on_step=lambda s, b: order.extend(c.req.rid[:2] for c in b.chunks if c.prefill))
+        runs = sum(1 for i in range(len(order)) if i == 0 or order[i] != order[i - 1])
+        assert runs == expected_runs, (batch_job, order)
+        assert all(r.output_ids == expected_output(r.prompt_ids, 2) for r in reqs)
+
+
+def test_auto_tries_single_submissions_first_and_packs_batch_jobs():
+    rng = random.Random(4)
+    # Batch jobs hog, big, small, then a single submission: it goes first; big does not fit
+    # and, being a batch job, is skipped for small (fcfs would admit only hog and block).
+    alloc, cache, sched = radix_sched(1, 100, max_running_requests=8, chunked_prefill_size=1000, schedule_policy="auto")
+    hog, big, small = req("hog", rand_ids(rng, 40), 20), req("big", rand_ids(rng, 70), 5), req("small", rand_ids(rng, 10), 5)
+    solo = req("solo", rand_ids(rng, 10), 5)
+    for r in (hog, big, small):
+        r.batch_job = True
+        sched.add(r)
+    sched.add(solo)
+    assert [c.req.rid for c in sched.schedule().chunks] == ["solo", "hog", "small"]
+    run_checked(sched, FakeRunner(1))
+    for r in (hog, big, small, solo):
+        assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens)
+    # Single submissions are head-of-line among themselves: one that does not fit blocks the
+    # queue behind it (batch jobs included), so a long prompt is never starved.
+    alloc, cache, sched = radix_sched(1, 100, max_running_requests=8, chunked_prefill_size=1000, schedule_policy="auto")
+    hog, big, small = req("hog", rand_ids(rng, 40), 20), req("big", rand_ids(rng, 70), 5), req("small", rand_ids(rng, 10), 5)
+    small.batch_job = True
+    for r in (hog, big, small):
+        sched.add(r)
+    assert [c.req.rid for c in sched.schedule().chunks] == ["hog"]
+    run_checked(sched, FakeRunner(1))
+    assert big.output_ids == expected_output(big.prompt_ids, 5)
+
+
+def test_decode_reserve_keeps_retraction_rare_and_adapts():
+    """Admission sets aside a decode reserve (new_token_ratio x tokens still to generate): with
+    the default reserve a tight pool retracts far less than with almost none; the ratio jumps at
+    each retraction and decays back towards its floor while memory suffices."""
+    retractions = {}
+    for conservativeness in (1.0, 0.01):
+        rng = random.Random(12)
+        alloc, cache, sched = radix_sched(
+            1, 300, max_running_requests=16, chunked_prefill_size=1000, conservativeness=conservativeness
+        )
+        reqs = [req(f"r{i}", rand_ids(rng, rng.randint(5, 30)), rng.randint(20, 60)) for i in range(24)]
+        for r in reqs:
+            sched.add(r)
+        ratios = []
+        run_checked(sched, FakeRunner(1), on_step=lambda s, b: ratios.append(sched.new_token_ratio))
+        assert all(r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens) for r in reqs)
+        retractions[conservativeness] = sched.num_retractions
+        if conservativeness == 0.01:
+            jumps = sum(1 for a, b in zip(ratios, ratios[1:]) if b > a)
+            assert jumps > 0 and jumps <= sched.num_retractions  # rises only when retracting
+            assert ratios[-1] < max(ratios)  # and decays afterwards
+    assert retractions[0.01] > 0, "the pool was meant to be tight"
+    assert retractions[1.0] * 4 <= retractions[0.01], retractions
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "lpm", "batch"])
 def test_retraction_newest_first_requeued_in_front(policy):
     """Decode growth overruns the pool: the newest request is retracted, goes back to the front
@@ -517,12 +594,12 @@ def test_retracted_request_resumes_from_its_cached_kv():
     assert b.output_ids == expected_output(b.prompt_ids, 20)
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "lpm", "batch"])
+@pytest.mark.parametrize("policy", ["fcfs", "lpm", "batch", "auto"])
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_random_workload_keeps_page_ownership(policy, page_size):
     """Shared prefixes, n > 1 siblings, a tight pool (eviction and retraction) and aborts, with
     page ownership checked after every step and every output checked at the end."""
-    rng = random.Random(hash((policy, page_size)) % 1000)
+    rng = random.Random(f"{policy}-{page_size}")  # str seeds are stable across processes
     alloc, cache, sched = radix_sched(
         page_size,
         240 // page_size,
@@ -536,8 +613,10 @@ def test_random_workload_keeps_page_ownership(policy, page_size):
     reqs = []
     for i in range(30):
         prompt = bases[rng.randrange(3)][: rng.randint(0, 48)] + rand_ids(rng, rng.randint(1, 12))
+        batch_job = rng.random() < 0.5  # "auto" mixes single submissions and batch jobs
         for j in range(rng.choice([1, 1, 1, 3])):  # sometimes n = 3 siblings of one prompt
             reqs.append(req(f"r{i}-{j}", prompt, rng.randint(1, 24)))
+            reqs[-1].batch_job = batch_job
     aborted = set()
     pending = list(reqs)
 

@@ -51,7 +51,7 @@ class Sequences:
         slots = self.slots(len(self.k) - 1, 0, prefix_len)
         for layer in range(NUM_LAYERS):
             kf, vf = p.view_flat(layer)
-            kf[slots], vf[slots] = self.k[-1][layer], self.v[-1][layer]
+            kf[slots], vf[slots] = self.k[-1][layer].to(kf.dtype), self.v[-1][layer].to(vf.dtype)
 
     def _reserve(self, b: int, length: int) -> None:
         need = self.pool.pages_for(length) - len(self.pages[b])

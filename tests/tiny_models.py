@@ -49,10 +49,12 @@ FAMILIES = {
 }
 
 
-def make_tiny_model(directory: str, family: str, seed: int = 0) -> tuple[str, torch.nn.Module]:
-    """Write a tiny checkpoint of `family` to directory; return (dir, the HF model in eval mode)."""
+def make_tiny_model(directory: str, family: str, seed: int = 0, **overrides) -> tuple[str, torch.nn.Module]:
+    """Write a tiny checkpoint of `family` to directory; return (dir, the HF model in eval mode).
+
+    `overrides` replace config fields (e.g. head_dim=64 for kernels that need a real head size)."""
     config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(**_COMMON, **extra)
+    config = config_cls(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     # Larger-than-default weights make logits spread out, so greedy paths have no near-ties.

@@ -1,0 +1,241 @@
+"""Offline throughput on the workloads of ../shared/bench/workloads.json, with a same-run peer and floor.
+
+For each workload: our engine's wall time (median of --repeats runs on a warm engine), output and
+total tokens/s; the device's measured copy bandwidth and bf16 matmul rate; the workload's floor
+(benchmarks/roofline.py) and our time as a percentage of it; with --peer hf, HF transformers
+generate on the same weights and ids (optionally on the first --peer-num-prompts requests, with
+ours re-run on the same subset for the ratio). Results append to --json; --plot draws them all.
+
+    python benchmarks/offline_throughput.py --model benchmarks/configs/qwen2.5-0.5b --workload random \
+        --num-prompts 1000 --repeats 3 [--peer hf] [--json out.json --plot out.png]
+
+Random bf16 weights on the real model shape (load_format="dummy"). Each request: ignore_eos,
+greedy, max_new_tokens = its output_len. Reports wall seconds from first submit to last
+result, output and total tokens/s; medians over --repeats runs (each on a warm engine).
+The peer follows the workload's "peer" rule: prompts sorted by length, batches of 64, left
+padding, min_new_tokens = max_new_tokens = the batch's largest output_len, only each request's
+own output_len counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKLOADS = os.path.join(HERE, "workloads.json")  # copy of ../shared/bench/workloads.json
+
+
+def make_workload(name: str, vocab: int, num_prompts: int | None, path: str = WORKLOADS):
+    spec = json.load(open(path))["workloads"][name]
+    rng = np.random.default_rng(spec["seed"])
+    lo, hi = 1000, vocab - 1000
+
+    def draw(n):
+        return rng.integers(lo, hi, size=n).tolist()
+
+    def between(r):
+        return int(rng.integers(r[0], r[1] + 1))
+
+    reqs = []
+    if name == "shared-prefix":
+        for _ in range(spec["num_groups"]):
+            prefix = draw(spec["prefix_len"])
+            for _ in range(spec["prompts_per_group"]):
+                reqs.append((prefix + draw(between(spec["suffix_len"])), between(spec["output_len"])))
+        order = rng.permutation(len(reqs))
+        reqs = [reqs[i] for i in order]
+    else:
+        for _ in range(spec["num_prompts"]):
+            reqs.append((draw(between(spec["prompt_len"])), between(spec["output_len"])))
+    return reqs[:num_prompts] if num_prompts else reqs
+
+
+def run_ours(model_dir, reqs, repeats, **opts):
+    from pipeline_infer import Engine
+
+    ids = [p for p, _ in reqs]
+    sps = [{"temperature": 0, "max_new_tokens": o, "ignore_eos": True} for _, o in reqs]
+    walls = []
+    with Engine(model_dir, load_format="dummy", **opts) as llm:
+        llm.generate(input_ids=ids[:8], sampling_params=sps[:8])  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            outs = llm.generate(input_ids=ids, sampling_params=sps)
+            walls.append(time.perf_counter() - t)
+            assert all(len(o["output_ids"]) == o_len for o, (_, o_len) in zip(outs, reqs))
+            llm.flush_cache()
+    return walls
+
+
+def run_hf(model_dir, reqs, repeats, batch=64):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
+    order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
+    walls = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for s in range(0, len(order), batch):
+            group = [reqs[i] for i in order[s : s + batch]]
+            width = max(len(p) for p, _ in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for r, (p, _) in enumerate(group):
+                ids[r, width - len(p) :] = torch.tensor(p)
+                mask[r, width - len(p) :] = 1
+            n = max(o for _, o in group)
+            with torch.no_grad():
+                model.generate(
+                    input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0,
+                )
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
+    return walls
+
+
+def summary(walls, reqs):
+    wall = statistics.median(walls)
+    out_tok = sum(o for _, o in reqs)
+    total = out_tok + sum(len(p) for p, _ in reqs)
+    return {"wall_s": round(wall, 3), "walls": [round(w, 3) for w in walls],
+            "output_tok_s": round(out_tok / wall, 1), "total_tok_s": round(total / wall, 1)}
+
+
+def measure_device() -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s, medians."""
+    import torch
+
+    def median_ms(fn, reps=10):
+        fn()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy = 2 * n / (median_ms(lambda: dst.copy_(src)) * 1e-3)
+    del src, dst
+    m = 8192
+    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    mm = 2 * m**3 / (median_ms(lambda: x @ y) * 1e-3)
+    return {"name": torch.cuda.get_device_name(), "copy_Bps": copy, "matmul_flops": mm}
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['workload']}\n{r['config']}" for r in results]
+    tok = [r["ours"]["output_tok_s"] for r in results]
+    pct = [r.get("pct_of_floor", 0) for r in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(results)), 4.5))
+    a.bar(range(len(tok)), tok, color="tab:blue")
+    for i, r in enumerate(results):
+        if "peer_hf" in r:
+            a.bar(i, r["peer_hf"]["output_tok_s"], color="tab:orange", width=0.4, label="HF generate" if i == 0 else None)
+    a.set_xticks(range(len(tok)), labels, fontsize=7)
+    a.set_ylabel("output tokens/s")
+    a.set_title("throughput (median of runs)")
+    b.bar(range(len(pct)), pct, color="tab:green")
+    b.set_xticks(range(len(pct)), labels, fontsize=7)
+    b.set_ylabel("% of computed floor")
+    b.set_title("floor time / our time")
+    fig.suptitle(f"{results[0]['device']}, {results[0]['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="directory with config.json (random weights are used)")
+    ap.add_argument("--workload", default="random", help="comma-separated names from workloads.json")
+    ap.add_argument("--num-prompts", type=int, default=None, help="only the first N requests of each workload")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peer", choices=["hf"], default=None, help="also time HF transformers generate")
+    ap.add_argument("--peer-num-prompts", type=int, default=None,
+                    help="peer (and ours again, for the ratio) on the first N requests only")
+    ap.add_argument("--backend", default=None, help="attention backend (default: the engine's choice)")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--max-running-requests", type=int, default=None)
+    ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--disable-radix-cache", action="store_true")
+    ap.add_argument("--json", default=None, help="append results (a JSON list) to this file")
+    ap.add_argument("--plot", default=None, help="PNG of every result in --json")
+    args = ap.parse_args()
+
+    sys.path.insert(0, HERE)
+    from roofline import ModelShape, floor_seconds
+
+    tmp = tempfile.mkdtemp()
+    shutil.copy(os.path.join(args.model, "config.json"), tmp)
+    cfg = json.load(open(os.path.join(tmp, "config.json")))
+    device = measure_device()
+    print(f"{device['name']}: copy {device['copy_Bps'] / 1e12:.2f} TB/s, bf16 matmul {device['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    opts = dict(page_size=args.page_size, disable_cuda_graph=args.disable_cuda_graph,
+                disable_radix_cache=args.disable_radix_cache)
+    if args.backend:
+        opts["attention_backend"] = args.backend
+    if args.max_running_requests:
+        opts["max_running_requests"] = args.max_running_requests
+    config = ",".join(
+        [args.backend or "auto"] + (["no-graphs"] if args.disable_cuda_graph else [])
+        + (["no-radix"] if args.disable_radix_cache else [])
+    )
+    shape = ModelShape.from_config(cfg)
+    results = []
+    for workload in args.workload.split(","):
+        reqs = make_workload(workload, cfg["vocab_size"], args.num_prompts)
+        r = {"model": os.path.basename(os.path.normpath(args.model)), "workload": workload, "config": config,
+             "num_prompts": len(reqs), "device": device["name"], "date": time.strftime("%Y-%m-%d"),
+             "copy_TBps": round(device["copy_Bps"] / 1e12, 3), "matmul_TFLOPs": round(device["matmul_flops"] / 1e12, 1)}
+        r["ours"] = summary(run_ours(tmp, reqs, args.repeats, **opts), reqs)
+        floor = floor_seconds(shape, reqs, args.max_running_requests or 256, device["copy_Bps"],
+                              device["matmul_flops"], prefix_sharing=not args.disable_radix_cache)
+        r["floor"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in floor.items()}
+        r["pct_of_floor"] = round(100 * floor["floor_s"] / r["ours"]["wall_s"], 1)
+        if args.peer:
+            peer_reqs = reqs[: args.peer_num_prompts] if args.peer_num_prompts else reqs
+            r["peer_hf"] = summary(run_hf(tmp, peer_reqs, args.repeats), peer_reqs)
+            r["peer_hf"]["num_prompts"] = len(peer_reqs)
+            ours_same = r["ours"] if len(peer_reqs) == len(reqs) else summary(run_ours(tmp, peer_reqs, args.repeats, **opts), peer_reqs)
+            r["ours_on_peer_prompts"] = ours_same
+            r["speedup_vs_hf"] = round(ours_same["output_tok_s"] / r["peer_hf"]["output_tok_s"], 2)
+        results.append(r)
+        line = (f"{r['model']:<14} {workload:<14} {config:<22} {r['num_prompts']:>5} prompts  "
+                f"{r['ours']['wall_s']:>8.2f} s  {r['ours']['output_tok_s']:>9.0f} out tok/s  "
+                f"floor {floor['floor_s']:.2f} s ({r['pct_of_floor']:.0f}% of floor)")
+        if args.peer:
+            line += f"  HF {r['peer_hf']['output_tok_s']:.0f} out tok/s on {len(peer_reqs)} -> {r['speedup_vs_hf']:.1f}x"
+        print(line, flush=True)
+        if args.json:  # after each workload, so a cut-off run keeps what it measured
+            old = json.load(open(args.json)) if os.path.exists(args.json) else []
+            json.dump(old + [r], open(args.json, "w"), indent=1)
+    if args.json and args.plot:
+        plot(json.load(open(args.json)), args.plot)
+
+
+if __name__ == "__main__":
+    main()
