@@ -347,6 +347,9 @@ class _SyncCollector(_CollectorBase):
             yield snap
 
     def wait(self, single: bool) -> dict | list[dict]:
+        # Only the final state is returned: one event per request, not one per request per step.
+        for i, req in enumerate(self.reqs):
+            req.on_output = lambda r, fin, i=i: fin and self.q.put(_Snapshot(i, r, fin))
         self.engine._core.submit(self.reqs)
         try:
             for _ in self._events():
@@ -370,11 +373,14 @@ class _SyncCollector(_CollectorBase):
 
 
 class _AsyncCollector(_CollectorBase):
-    def _attach(self) -> asyncio.Queue:
+    def _attach(self, finished_only: bool = False) -> asyncio.Queue:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         for i, req in enumerate(self.reqs):
-            req.on_output = lambda r, fin, i=i: loop.call_soon_threadsafe(q.put_nowait, _Snapshot(i, r, fin))
+            if finished_only:  # one wake-up of the event loop per request, not per request per step
+                req.on_output = lambda r, fin, i=i: fin and loop.call_soon_threadsafe(q.put_nowait, _Snapshot(i, r, fin))
+            else:
+                req.on_output = lambda r, fin, i=i: loop.call_soon_threadsafe(q.put_nowait, _Snapshot(i, r, fin))
         self.engine._core.submit(self.reqs)
         return q
 
@@ -390,7 +396,7 @@ class _AsyncCollector(_CollectorBase):
             yield snap
 
     async def wait(self, single: bool) -> dict | list[dict]:
-        q = self._attach()
+        q = self._attach(finished_only=True)  # only the final state is returned
         try:
             async for _ in self._events(q):
                 pass

@@ -69,6 +69,10 @@ class Request:
     prefix_node: Any = None  # radix node spelling pages[:num_shared_pages], locked while it runs
     num_retractions: int = 0
     queue_seq: int = -1  # submission order to the scheduler (kept across retractions): its age
+    # Scheduler memos, so a step costs O(changes) rather than O(waiting queue): the prefix-cache
+    # probe (max_prefix_len, first page, cached tokens, cache stamp) and the batch group key.
+    prefix_probe: Any = None
+    group_key: Any = None
 
     # output state (owned by the engine core)
     output_text: str = ""  # text released to the user so far

@@ -99,6 +99,8 @@ class PrefixCache(Protocol):
 
     def match_prefix(self, token_ids: list[int]) -> Any: ...
     def match_len(self, token_ids: list[int]) -> int: ...
+    def stamp(self) -> int: ...
+    def changed_since(self, stamp: int, first_page: tuple[int, ...]) -> bool: ...
     def insert(self, token_ids: list[int], pages: list[int]) -> Any: ...
     def lock(self, node: Any) -> None: ...
     def unlock(self, node: Any) -> None: ...
@@ -107,7 +109,7 @@ class PrefixCache(Protocol):
     def evictable_pages(self) -> int: ...
 
 
-@dataclass
+@dataclass(slots=True)  # one per request per step: cheap to build
 class ScheduledChunk:
     req: Request
     start: int  # tokens of req already in the KV cache (the chunk's prefix length)
@@ -249,6 +251,15 @@ class Scheduler:
         # Requests still prefilling, for in-flight prefix sharing (only with a prefix cache).
         self._inflight = _InFlight() if prefix_cache is not None else None
         self._num_admitted = 0
+        # The last lpm / batch / auto admission order, reused while still exact (`_reuse_order`):
+        # a full re-order costs O(waiting) per step, which at ~1000 queued requests dominates.
+        self._order: list[Request] | None = None
+        self._order_stamp = 0  # prefix cache stamp the order's cached lengths are valid at
+        self._order_adds = -1  # self._adds when the order was built
+        self._adds = 0  # requests that entered `waiting` so far (new or retracted)
+        self._waiting_firsts: dict[tuple[int, ...], dict[int, Request]] = {}  # first page -> waiting reqs by id
+        self._waiting_groups: dict[tuple[int, ...], dict[int, Request]] = {}  # group key -> waiting reqs by id
+        self._last_group: tuple[int, ...] | None = None  # group of the last batch admission
 
     # --- queue management --------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -256,12 +267,13 @@ class Scheduler:
         if req.queue_seq < 0:
             req.queue_seq = next(self._seq)
         self.waiting.append(req)
+        self._enqueued(req)
 
     def abort(self, rid: str) -> Request | None:
         """Finish `rid` with reason abort, releasing its pages; None if unknown or finished."""
         for req in self.waiting:
             if req.rid == rid:
-                self.waiting.remove(req)
+                self._dequeue(req)
                 self._release(req, cache_kv=False)
                 req.finish(FinishReason("abort", None, "aborted by the caller"))
                 return req
@@ -333,7 +345,7 @@ class Scheduler:
     def _admit(self, budget: int) -> list[Request]:
         if len(self.running) >= self.max_running_requests:
             return []
-        reserved = sum(self._future_pages(r) for r in self.running)
+        reserved = self._reserved_pages()
         if self.allocator.num_free + self._evictable() - reserved < 1:
             return []  # every admission needs a page for at least its last prompt token
         cached: dict[int, int] = {}  # id(req) -> cached prefix length, probed once per step
@@ -392,7 +404,7 @@ class Scheduler:
         if req.num_retractions == 0:
             req.cached_tokens = matched_tokens
         req.status = RequestStatus.RUNNING
-        self.waiting.remove(req)
+        self._dequeue(req, admitted=True)
         self.running.append(req)
         if self._inflight is not None:
             self._inflight.add(req)  # its prefill is in flight until its sampling chunk lands
@@ -400,8 +412,90 @@ class Scheduler:
         if self._is_batch_job(req):
             if len(self._group_recency) > 4 * _POLICY_WINDOW:
                 self._group_recency.clear()  # bounded; only the recent groups matter
-            self._group_recency[tuple(req.token_ids[:_GROUP_KEY_TOKENS])] = self._num_admitted
+                self._order = None  # the order of the groups still waiting may change
+            self._group_recency[self._group_key(req)] = self._num_admitted
+            self._last_group = self._group_key(req)
         return True, reserved + self._future_pages(req)
+
+    # --- waiting-queue bookkeeping (for _reuse_order) ---------------------------------------
+    def _enqueued(self, req: Request) -> None:
+        self._adds += 1
+        self._waiting_firsts.setdefault(tuple(req.token_ids[: self.page_size]), {})[id(req)] = req
+        self._waiting_groups.setdefault(self._group_key(req), {})[id(req)] = req
+
+    def _dequeue(self, req: Request, admitted: bool = False) -> None:
+        """Remove req from `waiting`. Removing the last waiting member of a batch group leaves the
+        order of the rest as it was; removing one of several may move its group (best cached
+        prefix, first arrival, recency), so the saved order is dropped unless `_keeps_rank`."""
+        self.waiting.remove(req)
+        first = tuple(req.token_ids[: self.page_size])
+        members = self._waiting_firsts[first]
+        del members[id(req)]
+        if not members:
+            del self._waiting_firsts[first]
+        key = self._group_key(req)
+        group = self._waiting_groups[key]
+        del group[id(req)]
+        if not group:
+            del self._waiting_groups[key]
+        elif self.schedule_policy != "lpm" and not (admitted and self._keeps_rank(req, key, group)):
+            self._order = None  # lpm's stable sort by cached prefix has no groups: never reorders
+
+    def _keeps_rank(self, req: Request, key: tuple[int, ...], rest: dict[int, Request]) -> bool:
+        """Whether admitting req leaves its group's rank (and so the whole order) as it was.
+
+        True for a single submission under "auto" (ranked by arrival alone), and for a batch job
+        whose group also had the last batch admission (it already has the newest recency, and a
+        recency is unique, so first arrival never breaks its ties) when a member left behind has
+        as long a cached prefix (the group's best is unchanged). Cached lengths are the memos the
+        order was ranked by (see `_reuse_order`).
+        """
+        if not self._is_batch_job(req):
+            return True
+        if self._last_group != key:
+            return False
+
+        def memo(r: Request) -> int:
+            return r.prefix_probe[2] if r.prefix_probe is not None else 0
+
+        mine = memo(req)
+        return any(memo(r) >= mine for r in rest.values())
+
+    def _reuse_order(self) -> list[Request] | None:
+        """The saved admission order minus the requests that left `waiting`, when it is exactly
+        what a fresh ordering would give: no request entered `waiting` since (`_adds`), no
+        removal could move a group (`_dequeue`), and no waiting request's cached prefix changed:
+        the tree lost no pages, and the waiting requests under a first page it grew under (the
+        only ones whose match can have grown: `grown_since`) re-probe to the lengths the order
+        used. Those are their memos: building the order probed every request it ranks, and each
+        successful check re-probes the ones it looks at."""
+        order = self._order
+        if order is None or self._order_adds != self._adds:
+            self._order = None
+            return None
+        cache = self.prefix_cache
+        if cache is not None:
+            grown = cache.grown_since(self._order_stamp)
+            if grown is None:
+                self._order = None
+                return None
+            firsts = self._waiting_firsts
+            for first in set(grown):
+                for r in firsts.get(first, {}).values():
+                    before = r.prefix_probe[2] if r.prefix_probe is not None else 0
+                    if self._probe(r) != before:
+                        # The probe just refreshed r's memo: the order must go, or a second
+                        # check would compare against the new value and accept it.
+                        self._order = None
+                        return None
+            self._order_stamp = cache.stamp()  # verified up to now: the next check scans less
+        waiting = RequestStatus.WAITING
+        order = [r for r in order if r.status is waiting]
+        if len(order) != len(self.waiting):  # belt and braces: someone changed `waiting` directly
+            self._order = None
+            return None
+        self._order = order
+        return list(order)
 
     def _is_batch_job(self, req: Request) -> bool:
         """Whether req is scheduled as a batch job: look past it when it does not fit, pack it."""
@@ -416,8 +510,21 @@ class Scheduler:
         policy = self.schedule_policy
         if policy == "fcfs" or (policy == "lpm" and self.prefix_cache is None):
             return list(self.waiting)
+        reused = self._reuse_order()
+        if reused is not None:
+            return reused
         if policy == "auto" and not any(r.batch_job for r in self.waiting):
             return list(self.waiting)
+        stamp = self.prefix_cache.stamp() if self.prefix_cache is not None else 0
+        order = self._fresh_order(cached)
+        if len(self.waiting) <= _POLICY_WINDOW:  # beyond the window, removals shift it: no reuse
+            self._order, self._order_stamp, self._order_adds = list(order), stamp, self._adds
+        else:
+            self._order = None
+        return order
+
+    def _fresh_order(self, cached: dict[int, int]) -> list[Request]:
+        policy = self.schedule_policy
         head = list(itertools.islice(self.waiting, _POLICY_WINDOW))
         k = 0
         while k < len(head) and head[k].num_retractions:
@@ -440,23 +547,68 @@ class Scheduler:
     def _batch_order(self, reqs: list[Request], cached: dict[int, int]) -> list[Request]:
         """The "batch" policy's order: groups of shared leading tokens, most cached first."""
         groups: dict[tuple[int, ...], list[Request]] = {}
-        for r in reqs:
-            self._cached_len(r, cached)
-            groups.setdefault(tuple(r.token_ids[:_GROUP_KEY_TOKENS]), []).append(r)
+        best: dict[tuple[int, ...], int] = {}  # group -> its longest cached prefix
+        for r in reqs:  # the per-step loop over the waiting queue: inlined memo lookups
+            c = cached.get(id(r))
+            if c is None:
+                c = cached[id(r)] = self._probe(r)
+            key = r.group_key or self._group_key(r)
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [r]
+                best[key] = c
+            else:
+                g.append(r)
+                if c > best[key]:
+                    best[key] = c
         recent = self._group_recency
         # Longest cached prefix first; among equals, the group admitted from most recently
         # (finish the group in progress while its prefix is hot), then first arrival (dicts
         # keep insertion order and sorted() is stable).
-        ordered = sorted(groups.items(), key=lambda kv: (-max(cached[id(r)] for r in kv[1]), -recent.get(kv[0], -1)))
-        return [r for _, g in ordered for r in sorted(g, key=lambda r: -cached[id(r)])]
+        # One int key (best, then recency) and a reverse sort, which Python keeps stable.
+        ordered = sorted(groups, key=lambda k: best[k] << 40 | (recent.get(k, -1) + 1), reverse=True)
+        out: list[Request] = []
+        for key in ordered:
+            g = groups[key]
+            if len(g) > 1:
+                g.sort(key=lambda r: -cached[id(r)])
+            out.extend(g)
+        return out
 
     def _cached_len(self, req: Request, memo: dict[int, int]) -> int:
         """Tokens of req's prefix in the tree (whole pages; a side-effect-free probe), memoized."""
         n = memo.get(id(req))
         if n is None:
-            n = 0 if self.prefix_cache is None else self.prefix_cache.match_len(req.token_ids[: req.max_prefix_len])
-            memo[id(req)] = n
+            n = memo[id(req)] = self._probe(req)
         return n
+
+    def _probe(self, req: Request) -> int:
+        """match_len of req's cacheable prefix, re-probed only when the tree changed under its first
+        page since the last probe (`RadixCache.changed_since`): most waiting requests cost a dict lookup."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0
+        limit = req.max_prefix_len
+        ps = self.page_size
+        if limit < ps:
+            return 0  # no whole page to match
+        probe = req.prefix_probe
+        if probe is not None and probe[0] == limit and not cache.changed_since(probe[3], probe[1]):
+            return probe[2]
+        first = probe[1] if probe is not None else tuple(req.token_ids[:ps])  # token_ids only grow
+        stamp = cache.stamp()
+        n = cache.match_len(req.token_ids[:limit])
+        req.prefix_probe = (limit, first, n, stamp)
+        return n
+
+    def _group_key(self, req: Request) -> tuple[int, ...]:
+        """batch: the request's group, its first _GROUP_KEY_TOKENS tokens (memoized once that many exist)."""
+        key = req.group_key
+        if key is None:
+            key = tuple(req.token_ids[:_GROUP_KEY_TOKENS])
+            if len(key) == _GROUP_KEY_TOKENS:
+                req.group_key = key
+        return key
 
     def _held(self, req: Request, cached: dict[int, int]) -> bool:
         """Whether req should wait for an in-flight prefill of its uncached prefix to land in the tree.
@@ -499,6 +651,21 @@ class Scheduler:
         """Pages a running request is expected to still allocate."""
         future = min(req.remaining_new_tokens, _RESERVE_CLIP_TOKENS) * self.new_token_ratio
         return max(0, self._pages_for(req.num_tokens + int(future)) - len(req.pages))
+
+    def _reserved_pages(self) -> int:
+        """sum(_future_pages(r) for r in running), inlined: it runs over every running request at
+        each admission attempt."""
+        ratio, ps, clip = self.new_token_ratio, self.page_size, _RESERVE_CLIP_TOKENS
+        total = 0
+        for r in self.running:
+            n = len(r.token_ids)
+            remaining = min(r.params.max_new_tokens - len(r.output_ids), r.context_length - n)
+            if remaining < 0:
+                remaining = 0
+            need = -(-(n + int(min(remaining, clip) * ratio)) // ps) - len(r.pages)
+            if need > 0:
+                total += need
+        return total
 
     def _evictable(self) -> int:
         return self.prefix_cache.evictable_pages if self.prefix_cache is not None else 0
@@ -564,6 +731,7 @@ class Scheduler:
         while i < len(self.waiting) and self.waiting[i].num_retractions and self.waiting[i].queue_seq < req.queue_seq:
             i += 1
         self.waiting.insert(i, req)
+        self._enqueued(req)
         self.num_retractions += 1
         # Admission under-estimated decode growth: reserve more from now on.
         self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)

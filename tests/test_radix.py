@@ -319,6 +319,7 @@ class RadixModel(RuleBasedStateMachine):
         self.held: list[tuple[object, tuple[int, ...]]] = []  # (node, prefix) locked by "requests"
         self.clock = 0
         self.bases = [[random.Random(seed + i).randrange(4) for _ in range(6 * page_size)] for i in range(2)]
+        self.probes: list[tuple[list[int], int, int]] = []  # (tokens, stamp, match_len) memos
 
     # -- model helpers --
     def _prefixes(self, tokens, k):
@@ -396,6 +397,14 @@ class RadixModel(RuleBasedStateMachine):
         assert (tree_map(self.cache), self.cache.num_nodes, self.cache._clock) == before
 
     @rule(data=st.data())
+    def memo_probe(self, data):
+        """Remember a match_len with the tree's stamp, as the scheduler does for waiting requests."""
+        tokens = self._tokens(data, 6)
+        if len(tokens) >= self.ps:
+            self.probes.append((tokens, self.cache.stamp(), self.cache.match_len(tokens)))
+            del self.probes[:-8]
+
+    @rule(data=st.data())
     def extend_matched(self, data):
         """Scheduler pattern: match, lock, then insert matched pages + new ones, then unlock."""
         tokens = self._tokens(data, 6, extra=False)
@@ -454,6 +463,13 @@ class RadixModel(RuleBasedStateMachine):
         assert self.alloc.num_free == self.alloc.capacity
 
     # -- invariants --
+    @invariant()
+    def memos_valid_unless_changed(self):
+        """changed_since is never wrong when it says a memoized match_len still holds."""
+        for tokens, stamp, n in self.probes:
+            if not self.cache.changed_since(stamp, tuple(tokens[: self.ps])):
+                assert self.cache.match_len(tokens) == n
+
     @invariant()
     def conservation(self):
         check_conservation(self.cache)
@@ -587,3 +603,161 @@ def test_scheduler_does_not_evict_its_own_match():
     assert b.output_ids == expected_output(b.prompt_ids, 3)
     assert cache.locked_pages == 0
     check_conservation(cache)
+
+
+def test_changed_since_is_per_first_page():
+    """Growth under one first page leaves other sequences' memos valid; removal invalidates all."""
+    alloc, cache = make(num_pages=16, page_size=2)
+    put(cache, [1, 1, 2, 2])
+    s = cache.stamp()
+    put(cache, [1, 1, 2, 2, 3, 3])  # grows under first page (1, 1)
+    assert cache.changed_since(s, (1, 1)) and not cache.changed_since(s, (5, 5))
+    s = cache.stamp()
+    put(cache, [1, 1, 2, 2])  # nothing new: no change
+    assert not cache.changed_since(s, (1, 1))
+    cache.evict(1)
+    assert cache.changed_since(s, (5, 5)) and cache.changed_since(s, (1, 1))
+    s = cache.stamp()
+    cache.reset()
+    assert cache.changed_since(s, (1, 1))
+
+
+@pytest.mark.parametrize("policy", ["lpm", "batch", "auto"])
+def test_scheduler_prefix_memo_matches_tree(policy):
+    """The scheduler's memoized cached-prefix length of every waiting request equals a fresh
+    probe of the tree at every step, through prefills, inserts, eviction and retraction."""
+    from test_scheduler import expected_output
+
+    page_size = 4
+    alloc, cache, sched, runner = _scheduler_setup(
+        page_size, 128 // page_size, max_running_requests=6, chunked_prefill_size=24,
+        conservativeness=0.05, schedule_policy=policy,
+    )
+    rng = random.Random(7)
+    bases = [[rng.randrange(1, 1000) for _ in range(48)] for _ in range(3)]
+    reqs = []
+    for i in range(30):
+        tail = [rng.randrange(1, 1000) for _ in range(rng.randint(1, 9))]
+        prompt = bases[rng.randrange(3)][: rng.randint(0, 48)] + tail
+        reqs.append(_req(f"r{i}", prompt, 16))
+        reqs[-1].batch_job = i % 2 == 0
+        sched.add(reqs[-1])
+    checked = 0
+    for _ in range(10_000):
+        for r in sched.waiting:
+            assert sched._probe(r) == cache.match_len(r.token_ids[: r.max_prefix_len]), r.rid
+            checked += 1
+        batch = sched.schedule()
+        if batch is None:
+            break
+        sched.commit(batch, runner.run(batch))
+    assert not sched.has_work and checked > 0
+    assert sched.num_retractions > 0 and sum(r.cached_tokens for r in reqs) > 0
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 16), r.rid
+
+
+@pytest.mark.parametrize("policy", ["lpm", "batch", "auto"])
+@pytest.mark.parametrize("tight", [False, True])
+def test_reused_admission_order_equals_fresh_order(policy, tight):
+    """The scheduler reuses its last lpm / batch / auto order across steps when nothing it depends
+    on changed (`Scheduler._reuse_order`); at every step that order must equal a fresh one."""
+    from test_scheduler import expected_output
+
+    page_size = 4
+    alloc, cache, sched, runner = _scheduler_setup(
+        page_size, (96 if tight else 4000) // page_size, max_running_requests=4, chunked_prefill_size=24,
+        conservativeness=0.05, schedule_policy=policy,
+    )
+    rng = random.Random(3)
+    bases = [[rng.randrange(1, 1000) for _ in range(40)] for _ in range(3)]
+    reqs = []
+    for i in range(40):
+        if i % 3 == 0:  # a singleton group
+            prompt = [rng.randrange(1, 1000) for _ in range(rng.randint(1, 30))]
+        else:
+            tail = [rng.randrange(1, 1000) for _ in range(rng.randint(1, 9))]
+            prompt = bases[rng.randrange(3)][: rng.randint(8, 40)] + tail
+        reqs.append(_req(f"r{i}", prompt, 10))
+        reqs[-1].batch_job = i % 4 != 0
+    for r in reqs[:30]:
+        sched.add(r)
+    original = sched._ordered_waiting
+    reused = 0
+
+    def checked(cached):
+        nonlocal reused
+        reusable = sched._reuse_order() is not None  # a pure check: it only refreshes memos
+        order = original(cached)
+        reused += reusable
+        assert [r.rid for r in order] == [r.rid for r in sched._fresh_order({})]
+        return order
+
+    sched._ordered_waiting = checked
+    for step in range(10_000):
+        if step == 15:
+            for r in reqs[30:]:  # late arrivals
+                sched.add(r)
+        batch = sched.schedule()
+        if batch is None:
+            break
+        sched.commit(batch, runner.run(batch))
+    assert not sched.has_work
+    assert reused > 0, "the order was never reused"
+    if tight:
+        assert sched.num_retractions > 0
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 10), r.rid
+
+
+def _check_orders(sched):
+    """Wrap sched._ordered_waiting: every order it returns must equal a fresh one. Returns a
+    counter of the orders that were reused."""
+    original, stats = sched._ordered_waiting, {"reused": 0}
+
+    def checked(cached):
+        stats["reused"] += sched._reuse_order() is not None
+        order = original(cached)
+        assert [r.rid for r in order] == [r.rid for r in sched._fresh_order({})]
+        return order
+
+    sched._ordered_waiting = checked
+    return stats
+
+
+def test_reused_batch_order_regroups_after_admissions():
+    """batch: an admission moves its group ahead of groups with an equal cached prefix (recency),
+    and removing a group's best-cached member can drop it behind another group: a reused order
+    must notice both (`Scheduler._keeps_rank`)."""
+    from test_scheduler import run_all
+
+    ps = 4
+    alloc, cache, sched, runner = _scheduler_setup(
+        ps, 1000, max_running_requests=2, chunked_prefill_size=16, schedule_policy="batch"
+    )
+    rng = random.Random(5)
+    rand = lambda n: [rng.randrange(1, 1000) for _ in range(n)]  # noqa: E731
+    pa, pb, r4, q8 = rand(64), rand(64), rand(4), rand(8)
+    for i, warm in enumerate([pb + q8 + [7], pa + r4 + [7]]):  # cache PB+Q, then PA+R: A is the newer group
+        sched.add(_req(f"warm{i}", warm, 1))
+        run_all(sched, runner)
+    stats = _check_orders(sched)
+    # Scenario 1: A (first arrival, long uncached suffixes: deferred by the packing) and B (short
+    # suffixes) have equal cached prefixes; admitting B's members must move B ahead of A.
+    a = [_req(f"a{i}", pa + rand(40), 2) for i in range(3)]
+    b = [_req(f"b{i}", pb + rand(4), 2) for i in range(6)]
+    for r in a + b:
+        sched.add(r)
+    run_all(sched, runner)
+    # Scenario 2: B's best-cached member leaves; B (64 cached) must fall behind A (68 cached) even
+    # though B has the newest recency.
+    sched.add(_req("b-first", pb + rand(4), 2))
+    batch = sched.schedule()  # admits it: B is now the group of the last admission
+    sched.commit(batch, runner.run(batch))
+    late = [_req("a-mid", pa + r4 + rand(4), 4), _req("b-best", pb + q8 + rand(4), 4)]
+    late += [_req(f"b-rest{i}", pb + rand(4), 4) for i in range(3)]
+    for r in late:
+        sched.add(r)
+    run_all(sched, runner)
+    assert stats["reused"] > 0
+    assert cache.locked_pages == 0

@@ -683,3 +683,24 @@ def test_inflight_trie_against_brute_force():
     for r in live:
         index.remove(r)
     assert index.root.children == {} and index.root.count == 0
+
+
+def test_reserved_pages_matches_future_pages():
+    """The inlined admission reserve equals the per-request definition it replaces."""
+    from pipeline_infer.cache.kv_pool import PageAllocator
+    from pipeline_infer.request import Request
+    from pipeline_infer.sampling_params import SamplingParams
+
+    rng = random.Random(2)
+    sched = Scheduler(PageAllocator(100_000), 16, max_running_requests=64, chunked_prefill_size=512)
+    for i in range(64):
+        prompt = [rng.randrange(1, 1000) for _ in range(rng.randint(1, 300))]
+        req = Request(f"r{i}", prompt, SamplingParams(max_new_tokens=rng.choice([0, 1, 50, 5000, 100_000])),
+                      context_length=rng.choice([1 << 30, len(prompt) + rng.randint(0, 40)]))
+        req.output_ids = [1] * rng.randint(0, 60)
+        req.token_ids = list(prompt) + req.output_ids
+        req.pages = list(range(rng.randint(0, 40)))
+        sched.running.append(req)
+    for ratio in (0.0, 0.15, 0.37, 1.0):
+        sched.new_token_ratio = ratio
+        assert sched._reserved_pages() == sum(sched._future_pages(r) for r in sched.running)

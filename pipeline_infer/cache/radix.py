@@ -30,6 +30,15 @@ Accounting is O(1): the tree counts the pages it holds and the pages in locked n
 `evictable_pages` (what `evict` could free if asked for everything) is their difference.
 LRU order uses a logical clock bumped once per match/insert, and a lazily pruned heap of
 evictable leaves keyed by their last access.
+
+Change stamps (for callers that memoize `match_len`)
+----------------------------------------------------
+`stamp()` names the tree's current content. `match_len(ids)` can only have changed since a
+stamp when `changed_since(stamp, ids[:page_size])` says so: an insert that adds pages bumps
+the stamp of the top-level edge (first page) it grew under; anything that removes pages
+(`evict`, `reset`) bumps a global stamp. So a scheduler re-probes only the waiting requests
+whose first page gained cached pages, instead of the whole queue every step; `grown_since`
+lists those first pages, so it can even tell that no waiting request's match changed.
 """
 
 from __future__ import annotations
@@ -80,6 +89,11 @@ class RadixCache:
         self.page_size = page_size
         self._clock = 0
         self._seq = itertools.count()
+        self._epoch = 0  # bumped by every content change; see "Change stamps"
+        self._removed_epoch = 0  # epoch of the last removal of pages (evict / reset)
+        self._grown_epoch: dict[tuple[int, ...], int] = {}  # first page -> epoch of its last growth
+        self._growth_log: list[tuple[int, tuple[int, ...]]] = []  # (epoch, first page), oldest first
+        self._log_start = 0  # growth at or before this epoch may be missing from the log
         self._init_tree()
 
     def _init_tree(self) -> None:
@@ -182,6 +196,13 @@ class RadixCache:
                 self._total_pages += n - i
                 self._num_nodes += 1
                 self._push(leaf)
+                self._epoch += 1
+                first = tuple(token_ids[:ps])
+                self._grown_epoch[first] = self._epoch
+                self._growth_log.append((self._epoch, first))
+                if len(self._growth_log) > 4096:  # bounded: callers that fall behind re-probe
+                    self._log_start = self._growth_log[2047][0]
+                    del self._growth_log[:2048]
                 path.extend(leaf.pages)
                 return InsertResult(duplicates, leaf, path)
             m = self._common_pages(child, token_ids, i, n)
@@ -233,6 +254,7 @@ class RadixCache:
             access, _, node = heapq.heappop(self._heap)
             if not self._evictable_leaf(node) or access != node.last_access:
                 continue  # stale entry
+            self._removed()
             keep = len(node.pages) - (num_pages - freed)
             if keep > 0:  # trim the tail; node stays an evictable leaf with the same access
                 ps = self.page_size
@@ -244,6 +266,8 @@ class RadixCache:
                 break
             parent = node.parent
             del parent.children[node.key[: self.page_size]]
+            if parent is self.root:
+                self._grown_epoch.pop(node.key[: self.page_size], None)  # covered by the removal stamp
             self.allocator.free(node.pages)
             freed += len(node.pages)
             self._total_pages -= len(node.pages)
@@ -258,12 +282,43 @@ class RadixCache:
         """Drop the whole tree, freeing its pages. No node may be locked."""
         if self._locked_pages:
             raise RuntimeError(f"reset of the radix cache while {self._locked_pages} pages are locked")
+        self._removed()
+        self._grown_epoch.clear()  # covered by the removal stamp
+        self._growth_log.clear()
+        self._log_start = self._epoch
         pages: list[int] = []
         for node in self._iter_nodes():
             pages.extend(node.pages)
             node.dead = True
         self.allocator.free(pages)
         self._init_tree()
+
+    # --- change stamps ----------------------------------------------------------------------------
+    def stamp(self) -> int:
+        """A name for the tree's current content, for `changed_since`."""
+        return self._epoch
+
+    def changed_since(self, stamp: int, first_page: tuple[int, ...]) -> bool:
+        """Whether match_len of a sequence starting with first_page (a page_size-tuple) may differ
+        from its value when `stamp()` returned stamp. False means it is certainly the same."""
+        return self._removed_epoch > stamp or self._grown_epoch.get(first_page, -1) > stamp
+
+    def grown_since(self, stamp: int) -> list[tuple[int, ...]] | None:
+        """First pages under which pages were added since `stamp()` returned stamp (repeats
+        possible), or None when that is unknown or pages were removed meanwhile (then any
+        match_len may have changed)."""
+        if self._removed_epoch > stamp or self._log_start > stamp:
+            return None
+        log, out = self._growth_log, []
+        i = len(log) - 1
+        while i >= 0 and log[i][0] > stamp:
+            out.append(log[i][1])
+            i -= 1
+        return out
+
+    def _removed(self) -> None:
+        self._epoch += 1
+        self._removed_epoch = self._epoch
 
     # --- helpers --------------------------------------------------------------------------------
     def _iter_nodes(self) -> Iterator[RadixNode]:
