@@ -9,7 +9,7 @@ import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
-from pipeline_infer.kernels.attention.torch_backend import TorchAttentionBackend
+from pipeline_infer.kernels.attention.torch_backend import TorchAttentionBackend, split_by_length
 
 
 def dense_reference(q, k, v, prefix_len, scale):
@@ -80,3 +80,67 @@ def test_mixed_batch_matches_dense(page_size, hq, hkv):
     # the new K/V landed in their slots
     k_flat, _ = pool.view_flat(1)
     torch.testing.assert_close(k_flat[torch.tensor(slots)], new_k)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (7, 1)])
+@pytest.mark.parametrize("lengths", [[1, 300, 7, 150, 64, 2, 299, 33, 120, 5, 260, 17], [40, 41, 39], [77]])
+def test_decode_batch_matches_dense(page_size, hq, hkv, lengths):
+    """A pure decode batch (the CPU's hot path): ragged lengths, length buckets, GQA groups."""
+    rng = random.Random(page_size * 1000 + hq * 10 + len(lengths))
+    torch.manual_seed(rng.randrange(1 << 30))
+    D = 16
+    pool = KVPool(1, 1 + sum(-(-n // page_size) for n in lengths), page_size, hkv, D, torch.float32, "cpu")
+    backend = TorchAttentionBackend(pool, hq, hkv, D)
+    k_flat, v_flat = pool.view_flat(0)
+    full_k, full_v, page_lists, slots = [], [], [], []
+    for total in lengths:
+        pages = pool.allocator.alloc(-(-total // page_size))
+        rng.shuffle(pages)
+        page_lists.append(pages)
+        kk, vv = torch.randn(total, hkv, D), torch.randn(total, hkv, D)
+        full_k.append(kk)
+        full_v.append(vv)
+        s = [pages[p // page_size] * page_size + p % page_size for p in range(total)]
+        k_flat[s[:-1]] = kk[:-1]
+        v_flat[s[:-1]] = vv[:-1]
+        slots.append(s[-1])
+    table = torch.zeros(len(lengths), max(len(p) for p in page_lists), dtype=torch.int32)
+    for b, p in enumerate(page_lists):
+        table[b, : len(p)] = torch.tensor(p)
+    B = len(lengths)
+    batch = ForwardBatch(
+        input_ids=torch.zeros(B, dtype=torch.long),
+        positions=torch.tensor([n - 1 for n in lengths]),
+        extend_lens=[1] * B,
+        prefix_lens=[n - 1 for n in lengths],
+        page_table=table,
+        page_table_host=table.numpy(),
+        out_cache_loc=torch.tensor(slots),
+        logits_indices=torch.arange(B),
+        attn_backend=backend,
+    )
+    backend.plan(batch)
+    if len(lengths) > 3:
+        assert len(batch.attn_metadata.groups) > 1  # lengths this ragged get buckets
+    q = torch.randn(B, hq, D)
+    new_k = torch.stack([k[-1] for k in full_k])
+    new_v = torch.stack([v[-1] for v in full_v])
+    out = backend.forward(q, new_k, new_v, layer_id=0, batch=batch, scale=D**-0.5)
+    assert out.shape == (B, hq, D)
+    for b, n in enumerate(lengths):
+        ref = dense_reference(q[b : b + 1], full_k[b], full_v[b], n - 1, D**-0.5)
+        torch.testing.assert_close(out[b : b + 1].double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_flat[torch.tensor(slots)], new_k)
+
+
+def test_split_by_length_buckets_cover_rows_once():
+    lens = [300, 5, 290, 10, 150, 8, 295, 12]
+    buckets = split_by_length(list(range(len(lens))), lens, [1] * len(lens))
+    assert sorted(r for b in buckets for r in b) == list(range(len(lens)))
+    assert len(buckets) > 1
+    assert all(max(lens[r] for r in b) - min(lens[r] for r in b) < 200 for b in buckets)
+    assert split_by_length([3, 1], [0, 50, 0, 52], [1] * 4) == [[3, 1]]  # alike: one bucket, order kept
+    assert split_by_length([], [], []) == []
+    # prefills (new tokens = sequence length) of very different lengths get buckets too
+    assert len(split_by_length(list(range(8)), lens, lens)) > 1

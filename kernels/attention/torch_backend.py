@@ -1,14 +1,20 @@
 """Attention over the paged KV cache in plain torch: the reference backend, CPU and CUDA.
 
 plan() groups the batch's sequences into decodes (one new token) and extends (several),
-and builds for each group, once per forward, a padded gather index into the cache and a
-boolean mask. forward() is then per layer: one scatter of the new K/V, and per group one
-gather plus one scaled_dot_product_attention call. Padding waste is bounded because
-decodes are never padded to a prefill's length.
+and builds for each group, once per forward, a flat gather index into the cache (padded
+to the group's longest sequence) and a mask. forward() is then per layer: one scatter of
+the new K/V, and per group one row gather (index_select, i.e. whole-row copies) of K and V
+plus one scaled_dot_product_attention call. Padding waste is bounded because decodes are
+never padded to a prefill's length, and sequences of very different lengths are split
+into a few length buckets.
+
+Decodes put each KV head's query group in the query dimension ([G, Hkv, group, D]) so
+GQA needs no repeated K/V and the (additive, float) mask is one row per sequence.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +23,22 @@ import torch.nn.functional as F
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
 
+# What one more SDPA call costs, in padded key tokens of gather + attention (measured on a
+# 2-core CPU for SmolLM2-135M shapes; the exact value only moves bucket boundaries).
+_BUCKET_OVERHEAD_TOKENS = 512
+_MAX_BUCKETS = 4
+
 
 @dataclass
 class _Group:
-    token_index: torch.Tensor  # [G, Q] rows of the flattened tokens; padding points at row 0
-    token_valid: torch.Tensor  # [G, Q] bool
-    kv_slots: torch.Tensor  # [G, K] cache slots; padding points at slot 0 (scratch page)
-    mask: torch.Tensor  # [G, 1, Q, K] bool: True where the query may attend
+    num_seqs: int  # G
+    q_len: int  # Q: the longest new-token count in the group (1 for decodes)
+    kv_len: int  # K: the longest sequence in the group (keys per row after padding)
+    token_index: torch.Tensor | None  # [G * Q] rows of the flattened tokens (padding -> row 0); None: all rows in order
+    valid_index: torch.Tensor | None  # [n] entries of the [G * Q] output that are real tokens; None: all
+    out_index: torch.Tensor | None  # [n] rows of the output they go to; None: all rows in order
+    kv_slots: torch.Tensor  # [G * K] cache slots; padding points at slot 0 (scratch page)
+    mask: torch.Tensor  # decodes: [G, 1, 1, K] float, 0 / -inf; extends: [G, 1, Q, K] bool, True = may attend
 
 
 @dataclass
@@ -44,10 +59,16 @@ class TorchAttentionBackend:
         starts = [0]
         for e in batch.extend_lens:
             starts.append(starts[-1] + e)
-        groups = [self._plan_group(batch, rows, starts) for rows in (decode_rows, extend_rows) if rows]
+        total = starts[-1]
+        seq_lens = [p + e for p, e in zip(batch.prefix_lens, batch.extend_lens)]
+        groups = [
+            self._plan_group(batch, bucket, starts, total)
+            for rows in (decode_rows, extend_rows)
+            for bucket in split_by_length(rows, seq_lens, batch.extend_lens)
+        ]
         batch.attn_metadata = TorchAttentionMetadata(groups)
 
-    def _plan_group(self, batch: ForwardBatch, rows: list[int], starts: list[int]) -> _Group:
+    def _plan_group(self, batch: ForwardBatch, rows: list[int], starts: list[int], total: int) -> _Group:
         device = batch.input_ids.device
         page_size = self.kv_pool.page_size
         ext = torch.tensor([batch.extend_lens[b] for b in rows], dtype=torch.long)
@@ -58,25 +79,38 @@ class TorchAttentionBackend:
 
         q_pos = torch.arange(q_max)
         token_valid = q_pos[None, :] < ext[:, None]
-        token_index = torch.where(token_valid, start[:, None] + q_pos[None, :], 0)
+        token_index = torch.where(token_valid, start[:, None] + q_pos[None, :], 0).reshape(-1)
+        in_order = int(token_index.numel()) == total and bool((token_index == torch.arange(total)).all())
+        all_valid = bool(token_valid.all())
 
         k_pos = torch.arange(k_max)
-        pages = batch.page_table[rows].long().cpu()  # [G, max_pages]
+        table = batch.page_table_host if batch.page_table_host is not None else batch.page_table.cpu()
+        pages = torch.as_tensor(table)[rows].long()  # [G, max_pages]
         page_idx = (k_pos // page_size).clamp(max=pages.shape[1] - 1)
         slots = pages[:, page_idx] * page_size + (k_pos % page_size)[None, :]
         k_valid = k_pos[None, :] < seq[:, None]
-        kv_slots = torch.where(k_valid, slots, 0)
+        kv_slots = torch.where(k_valid, slots, 0).reshape(-1)
 
-        # Query i of a row sits at absolute position pre + i and sees keys 0 .. pre + i.
-        causal = k_pos[None, None, :] <= (pre[:, None, None] + q_pos[None, :, None])
-        mask = causal & k_valid[:, None, :]
-        # Padded query rows would see no key and turn NaN; let them see key 0 and drop them later.
-        mask[:, :, 0] |= ~token_valid
+        if q_max == 1:
+            # A decode's one query sits at the end and sees every key of its sequence.
+            mask = torch.zeros(len(rows), 1, 1, k_max).masked_fill_(~k_valid[:, None, None, :], float("-inf"))
+        else:
+            # Query i of a row sits at absolute position pre + i and sees keys 0 .. pre + i.
+            causal = k_pos[None, None, :] <= (pre[:, None, None] + q_pos[None, :, None])
+            mask = causal & k_valid[:, None, :]
+            # Padded query rows would see no key and turn NaN; let them see key 0 and drop them later.
+            mask[:, :, 0] |= ~token_valid
+            mask = mask[:, None]
+        flat_valid = token_valid.reshape(-1)
         return _Group(
-            token_index.to(device),
-            token_valid.to(device),
-            kv_slots.to(device),
-            mask[:, None].to(device),
+            num_seqs=len(rows),
+            q_len=q_max,
+            kv_len=k_max,
+            token_index=None if in_order else token_index.to(device),
+            valid_index=None if all_valid else flat_valid.nonzero().squeeze(1).to(device),
+            out_index=None if in_order else token_index[flat_valid].to(device),
+            kv_slots=kv_slots.to(device),
+            mask=mask.to(device),
         )
 
     def forward(
@@ -91,15 +125,64 @@ class TorchAttentionBackend:
         k_flat, v_flat = self.kv_pool.view_flat(layer_id)
         k_flat[batch.out_cache_loc] = k.to(k_flat.dtype)
         v_flat[batch.out_cache_loc] = v.to(v_flat.dtype)
-        out = torch.empty_like(q)
         meta: TorchAttentionMetadata = batch.attn_metadata
+        out = None if len(meta.groups) == 1 and meta.groups[0].out_index is None else q.new_empty(q.shape)
+        hq, hkv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
         for g in meta.groups:
-            qg = q[g.token_index].transpose(1, 2)  # [G, Hq, Q, D]
-            kg = k_flat[g.kv_slots].transpose(1, 2).to(q.dtype)  # [G, Hkv, K, D]
-            vg = v_flat[g.kv_slots].transpose(1, 2).to(q.dtype)
-            og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=self.num_q_heads != self.num_kv_heads
-            )
-            og = og.transpose(1, 2)  # [G, Q, Hq, D]
-            out[g.token_index[g.token_valid]] = og[g.token_valid]
+            G, Q, K = g.num_seqs, g.q_len, g.kv_len
+            # Whole-row copies out of the cache; advanced indexing copies element by element.
+            kg = k_flat.index_select(0, g.kv_slots).view(G, K, hkv, d).transpose(1, 2).to(q.dtype)  # [G, Hkv, K, D]
+            vg = v_flat.index_select(0, g.kv_slots).view(G, K, hkv, d).transpose(1, 2).to(q.dtype)
+            qg = q if g.token_index is None else q.index_select(0, g.token_index)  # [G * Q, Hq, D]
+            if Q == 1:
+                og = F.scaled_dot_product_attention(qg.reshape(G, hkv, hq // hkv, d), kg, vg, attn_mask=g.mask, scale=scale)
+                og = og.reshape(G, hq, d)
+            else:
+                qg = qg.reshape(G, Q, hq, d).transpose(1, 2)  # [G, Hq, Q, D]
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=hq != hkv)
+                og = og.transpose(1, 2).reshape(G * Q, hq, d)
+            if g.valid_index is not None:
+                og = og.index_select(0, g.valid_index)
+            if out is None:
+                return og.contiguous()
+            if g.out_index is None:
+                out.copy_(og)
+            else:
+                out.index_copy_(0, g.out_index, og)
         return out
+
+
+def split_by_length(rows: list[int], seq_lens: list[int], extend_lens: list[int]) -> list[list[int]]:
+    """Rows cut into at most a few buckets of similar length (each bucket is padded to its longest).
+
+    Buckets are consecutive runs of the rows sorted by sequence length; the cut minimises the
+    padded query-key pairs (rows x longest new tokens x longest sequence) plus a fixed cost
+    per bucket. One bucket keeps the rows in their original order.
+    """
+    if len(rows) <= 1:
+        return [rows] if rows else []
+    order = sorted(rows, key=lambda b: (seq_lens[b], extend_lens[b]))
+    lens = [seq_lens[b] for b in order]
+    ext_max = list(itertools.accumulate((extend_lens[b] for b in order), max))  # over order[:i + 1]
+    n = len(order)
+
+    def cost(lo: int, hi: int) -> int:  # rows order[lo:hi]
+        q = max(extend_lens[b] for b in order[lo:hi]) if lo else ext_max[hi - 1]
+        return (hi - lo) * q * lens[hi - 1]
+
+    best_cost, best_cuts = cost(0, n), [n]
+    for k in range(2, min(_MAX_BUCKETS, n) + 1):
+        cuts = [n * i // k for i in range(1, k + 1)]
+        total, lo = (k - 1) * _BUCKET_OVERHEAD_TOKENS, 0
+        for hi in cuts:
+            total += cost(lo, hi)
+            lo = hi
+        if total < best_cost:
+            best_cost, best_cuts = total, cuts
+    if len(best_cuts) == 1:
+        return [rows]
+    out, lo = [], 0
+    for hi in best_cuts:
+        out.append(order[lo:hi])
+        lo = hi
+    return out

@@ -37,6 +37,13 @@ class PagedAttention(nn.Module):
 
     def forward(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         T = qkv.shape[0]
+        if self.q_norm is None and not qkv.is_cuda:
+            # CPU path: rotate q and k heads together, one set of elementwise ops instead of two.
+            qk = qkv[:, : self.q_size + self.kv_size].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
+            q, k = self.rotary.rotate_heads(batch.positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size :].reshape(T, self.num_kv_heads, self.head_dim)
+            out = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)
+            return out.reshape(T, self.q_size)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)

@@ -59,9 +59,13 @@ class RotaryEmbedding(nn.Module):
             from pipeline_infer.kernels.triton.rotary import apply_rotary
 
             return apply_rotary(q, k, positions, self.cos_sin_cache)
-        cos_sin = self.cos_sin_cache[positions]
-        cos, sin = cos_sin.chunk(2, dim=-1)
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+    def rotate_heads(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] (e.g. q and k heads side by side) rotated by positions [T]; the torch path."""
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+        return _rotate(x, cos, sin, self.rotary_dim)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
