@@ -7,7 +7,11 @@ generate on the same weights and ids (optionally on the first --peer-num-prompts
 ours re-run on the same subset for the ratio). Results append to --json; --plot draws them all.
 
     python benchmarks/offline_throughput.py --model benchmarks/configs/qwen2.5-0.5b --workload random \
-        --num-prompts 1000 --repeats 3 [--peer hf] [--json out.json --plot out.png]
+        --num-prompts 1000 --repeats 3 [--peer hf] [--breakdown] [--json out.json --plot out.png]
+
+--breakdown also prints and saves (key "breakdown") where the engine's steps spent their time:
+device busy (forward + sample) vs host (schedule, batch build + plan, commit + outputs, other),
+overall and per step kind (decode / prefill / mixed), for the repeat with the median wall time.
 
 Random bf16 weights on the real model shape (load_format="dummy"). Each request: ignore_eos,
 greedy, max_new_tokens = its output_len. Reports wall seconds from first submit to last
@@ -59,21 +63,42 @@ def make_workload(name: str, vocab: int, num_prompts: int | None, path: str = WO
     return reqs[:num_prompts] if num_prompts else reqs
 
 
-def run_ours(model_dir, reqs, repeats, **opts):
+def run_ours(model_dir, reqs, repeats, breakdowns=None, **opts):
+    """Wall seconds of each repeat; with breakdowns (a list), each repeat's step timing is appended."""
     from pipeline_infer import Engine
 
     ids = [p for p, _ in reqs]
     sps = [{"temperature": 0, "max_new_tokens": o, "ignore_eos": True} for _, o in reqs]
     walls = []
-    with Engine(model_dir, load_format="dummy", **opts) as llm:
+    with Engine(model_dir, load_format="dummy", enable_step_timing=breakdowns is not None, **opts) as llm:
         llm.generate(input_ids=ids[:8], sampling_params=sps[:8])  # warm-up
+        llm.flush_cache()  # else the first repeat finds the warm-up's prompts cached, the others not
+        if breakdowns is not None:
+            llm.step_timing_summary(reset=True)  # drop the warm-up's steps
         for _ in range(repeats):
             t = time.perf_counter()
             outs = llm.generate(input_ids=ids, sampling_params=sps)
             walls.append(time.perf_counter() - t)
             assert all(len(o["output_ids"]) == o_len for o, (_, o_len) in zip(outs, reqs))
+            if breakdowns is not None:
+                breakdowns.append(llm.step_timing_summary(reset=True))
             llm.flush_cache()
     return walls
+
+
+def print_breakdown(b: dict, wall_s: float) -> None:
+    """The step timing of one run (Engine.step_timing_summary()) as a small table."""
+    print(f"  step breakdown: {b['steps']} steps, {b['wall_s']:.2f} s in steps of the run's {wall_s:.2f} s "
+          f"(span {b['span_s']:.2f} s); device = forward + sample (on CUDA the stream span), host = the rest of each step")
+    print(f"  {'steps':<8} {'n':>6} {'wall s':>8} {'device s':>9} {'%':>5} {'host s':>8} {'%':>5} "
+          f"{'sched s':>8} {'build s':>8} {'post s':>7} {'other s':>8}   median ms: {'step':>7} {'device':>7} {'host':>7}")
+    for name, k in [("all", b)] + list(b["by_kind"].items()):
+        if not k["steps"]:
+            continue
+        print(f"  {name:<8} {k['steps']:>6} {k['wall_s']:>8.2f} {k['device_s']:>9.2f} {k['device_pct']:>5.1f} "
+              f"{k['host_s']:>8.2f} {k['host_pct']:>5.1f} {k['schedule_s']:>8.2f} {k['build_s']:>8.2f} "
+              f"{k['post_s']:>7.2f} {k['other_host_s']:>8.2f}   {'':>10} {k['median_step_ms']:>7.2f} "
+              f"{k['median_device_ms']:>7.2f} {k['median_host_ms']:>7.2f}")
 
 
 def run_hf(model_dir, reqs, repeats, batch=64):
@@ -182,6 +207,8 @@ def main():
     ap.add_argument("--max-running-requests", type=int, default=None)
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--disable-radix-cache", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="per-step host vs device time (Engine(enable_step_timing=True)): print and save it")
     ap.add_argument("--json", default=None, help="append results (a JSON list) to this file")
     ap.add_argument("--plot", default=None, help="PNG of every result in --json")
     args = ap.parse_args()
@@ -192,8 +219,14 @@ def main():
     tmp = tempfile.mkdtemp()
     shutil.copy(os.path.join(args.model, "config.json"), tmp)
     cfg = json.load(open(os.path.join(tmp, "config.json")))
-    device = measure_device()
-    print(f"{device['name']}: copy {device['copy_Bps'] / 1e12:.2f} TB/s, bf16 matmul {device['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    import torch
+
+    if torch.cuda.is_available():
+        device = measure_device()
+        print(f"{device['name']}: copy {device['copy_Bps'] / 1e12:.2f} TB/s, bf16 matmul {device['matmul_flops'] / 1e12:.0f} TFLOP/s")
+    else:  # a CPU run (a check of the harness on a small config): no device rates, no floor
+        device = {"name": "cpu", "copy_Bps": None, "matmul_flops": None}
+        print("no CUDA device: running on the CPU, without the floor")
     opts = dict(page_size=args.page_size, disable_cuda_graph=args.disable_cuda_graph,
                 disable_radix_cache=args.disable_radix_cache)
     if args.backend:
@@ -210,12 +243,19 @@ def main():
         reqs = make_workload(workload, cfg["vocab_size"], args.num_prompts)
         r = {"model": os.path.basename(os.path.normpath(args.model)), "workload": workload, "config": config,
              "num_prompts": len(reqs), "device": device["name"], "date": time.strftime("%Y-%m-%d"),
-             "copy_TBps": round(device["copy_Bps"] / 1e12, 3), "matmul_TFLOPs": round(device["matmul_flops"] / 1e12, 1)}
-        r["ours"] = summary(run_ours(tmp, reqs, args.repeats, **opts), reqs)
-        floor = floor_seconds(shape, reqs, args.max_running_requests or 256, device["copy_Bps"],
-                              device["matmul_flops"], prefix_sharing=not args.disable_radix_cache)
-        r["floor"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in floor.items()}
-        r["pct_of_floor"] = round(100 * floor["floor_s"] / r["ours"]["wall_s"], 1)
+             "copy_TBps": round(device["copy_Bps"] / 1e12, 3) if device["copy_Bps"] else None,
+             "matmul_TFLOPs": round(device["matmul_flops"] / 1e12, 1) if device["matmul_flops"] else None}
+        breakdowns = [] if args.breakdown else None
+        walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, **opts)
+        r["ours"] = summary(walls, reqs)
+        if breakdowns:  # the repeat whose wall time is the median one reported
+            r["breakdown"] = breakdowns[walls.index(sorted(walls)[(len(walls) - 1) // 2])]
+        floor = None
+        if device["copy_Bps"]:
+            floor = floor_seconds(shape, reqs, args.max_running_requests or 256, device["copy_Bps"],
+                                  device["matmul_flops"], prefix_sharing=not args.disable_radix_cache)
+            r["floor"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in floor.items()}
+            r["pct_of_floor"] = round(100 * floor["floor_s"] / r["ours"]["wall_s"], 1)
         if args.peer:
             peer_reqs = reqs[: args.peer_num_prompts] if args.peer_num_prompts else reqs
             r["peer_hf"] = summary(run_hf(tmp, peer_reqs, args.repeats), peer_reqs)
@@ -225,11 +265,14 @@ def main():
             r["speedup_vs_hf"] = round(ours_same["output_tok_s"] / r["peer_hf"]["output_tok_s"], 2)
         results.append(r)
         line = (f"{r['model']:<14} {workload:<14} {config:<22} {r['num_prompts']:>5} prompts  "
-                f"{r['ours']['wall_s']:>8.2f} s  {r['ours']['output_tok_s']:>9.0f} out tok/s  "
-                f"floor {floor['floor_s']:.2f} s ({r['pct_of_floor']:.0f}% of floor)")
+                f"{r['ours']['wall_s']:>8.2f} s  {r['ours']['output_tok_s']:>9.0f} out tok/s  ")
+        if floor:
+            line += f"floor {floor['floor_s']:.2f} s ({r['pct_of_floor']:.0f}% of floor)"
         if args.peer:
             line += f"  HF {r['peer_hf']['output_tok_s']:.0f} out tok/s on {len(peer_reqs)} -> {r['speedup_vs_hf']:.1f}x"
         print(line, flush=True)
+        if "breakdown" in r:
+            print_breakdown(r["breakdown"], r["ours"]["wall_s"])
         if args.json:  # after each workload, so a cut-off run keeps what it measured
             old = json.load(open(args.json)) if os.path.exists(args.json) else []
             json.dump(old + [r], open(args.json, "w"), indent=1)

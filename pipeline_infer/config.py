@@ -54,6 +54,9 @@ class EngineConfig:
     constrained_json_disable_any_whitespace: bool = True
     random_seed: int | None = None
     log_level: str = "error"
+    # Per-step host vs device time breakdown (step_timing.py), read with
+    # Engine.step_timing_summary(). Off: the engine loop does no timing work at all.
+    enable_step_timing: bool = False
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import queue
 import threading
@@ -62,6 +63,9 @@ class Engine:
                 return
             self._closed = True
         self._core.stop()
+        # engine_setup froze the heap at start-up (gc.freeze); give it back to the collector
+        # so the model's reference cycles, pinning device memory, can go (release collects).
+        gc.unfreeze()
         self._runner.release()
 
     def __enter__(self) -> "Engine":
@@ -129,6 +133,26 @@ class Engine:
                 self._prefix_cache.reset()
 
         self._core.call(flush)
+
+    def step_timing_summary(self, reset: bool = False) -> dict[str, Any]:
+        """Per-step host vs device time breakdown since the last reset (step_timing.py).
+
+        Needs Engine(enable_step_timing=True). Totals in seconds, medians in ms, overall and
+        under "by_kind" for decode-only, prefill-only and mixed steps. reset=True starts a
+        new measurement after reading this one.
+        """
+        self._check_alive()
+        timer = self._core.timer
+        if timer is None:
+            raise RuntimeError("step timing is off; create the Engine with enable_step_timing=True")
+
+        def read() -> dict[str, Any]:  # on the engine thread, between steps
+            out = timer.summary()
+            if reset:
+                timer.reset()
+            return out
+
+        return self._core.call(read)
 
     # --- generation ---------------------------------------------------------------------
     def generate(

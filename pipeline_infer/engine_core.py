@@ -26,9 +26,13 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner):
+    def __init__(self, scheduler: Scheduler, runner, timer=None):
         self.scheduler = scheduler
         self.runner = runner
+        # step_timing.StepTimer or None (the default: then the loop below does no timing work).
+        # The runner gets the same one for the build / device split inside run().
+        self.timer = timer
+        runner.timer = timer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self.num_steps = 0
@@ -64,6 +68,9 @@ class EngineCore:
             block = not self.scheduler.has_work
             if not self._drain(block):
                 break
+            timer = self.timer
+            if timer is not None:
+                timer.begin()
             try:
                 batch = self.scheduler.schedule()
             except Exception as exc:  # a scheduler bug: fail what is queued, keep serving
@@ -76,16 +83,22 @@ class EngineCore:
                 if not self._drain(True, timeout=0.005):
                     break
                 continue
+            if timer is not None:
+                timer.scheduled(batch)
             try:
                 tokens = self.runner.run(batch)
             except Exception as exc:  # a failed step fails its requests, not the engine
                 logger.error("step failed: %s", traceback.format_exc())
+                if timer is not None:
+                    timer.abandon()
                 self._fail(batch, exc)
                 continue
             self.num_steps += 1
             for req in self.scheduler.commit(batch, tokens):
                 self.num_generated_tokens += 1
                 self._emit(req)
+            if timer is not None:
+                timer.end()
         self._shutdown_requests()
 
     def _drain(self, block: bool, timeout: float | None = None) -> bool:

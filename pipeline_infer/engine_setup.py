@@ -6,6 +6,7 @@ the one-time decisions (which device, which dtype, how long a context, which bac
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -93,7 +94,19 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         conservativeness=cfg.schedule_conservativeness,
         prefix_cache=prefix_cache,
     )
-    core = EngineCore(scheduler, runner)
+    timer = None
+    if cfg.enable_step_timing:
+        from pipeline_infer.step_timing import StepTimer
+
+        timer = StepTimer(device)
+    # Take everything alive now (the imported libraries' ~360k objects, the model's modules)
+    # out of the cyclic GC: a full (gen-2) collection otherwise walks all of them, 100-200 ms
+    # on a slow host every few thousand steps (docs/benchmarks.md, "CPU: scheduler host time
+    # per step"), a stall of that many decode steps. None of it is garbage; Engine.shutdown
+    # unfreezes so the model's own reference cycles can still be collected.
+    gc.collect()
+    gc.freeze()
+    core = EngineCore(scheduler, runner, timer)
     return EngineParts(
         tokenizer=tokenizer,
         hf_config=hf_config,

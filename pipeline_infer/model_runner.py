@@ -68,6 +68,7 @@ class ModelRunner:
         )
         self.attn_backend = self._make_backend(attention_backend)
         self.sampler = Sampler()
+        self.timer = None  # a step_timing.StepTimer when the engine was asked for step timing
         self.graph_runner = None
         if cuda_graph_max_bs > 0 and device.type == "cuda" and hasattr(self.attn_backend, "graph_decode_metadata"):
             from pipeline_infer.cuda_graph import CudaGraphRunner
@@ -213,6 +214,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: "ScheduledBatch") -> list[int | None]:
         """Run one step; the sampled token for each chunk that samples, None for the others."""
+        timer = self.timer  # None unless step timing is on; its hooks only read clocks / record events
         fb = self.build_forward_batch(batch)
         sampling = [c for c in batch.chunks if c.samples]
         # Logprobs / hidden states some requests asked for (None for almost every step).
@@ -220,13 +222,20 @@ class ModelRunner:
         hidden = None
         graph_ok = extras is None or not extras.needs_hidden_states  # graphs return logits only
         if graph_ok and self.graph_runner is not None and self.graph_runner.can_run(fb):
+            if timer is not None:
+                timer.built()
             logits = self.graph_runner.replay(fb)  # a decode batch
             if len(sampling) != fb.batch_size:  # a one-token prefill chunk that does not sample
                 logits = logits[fb.logits_indices]
         else:
             self.attn_backend.plan(fb)
+            if timer is not None:
+                timer.built()
             hidden = self.model(fb)
             if not sampling and extras is None:
+                if timer is not None:  # no sync here: the device time is read after a later one
+                    timer.launched()
+                    timer.on_host(synced=False)
                 return [None] * len(batch.chunks)
             logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling else None
         if sampling:
@@ -244,10 +253,14 @@ class ModelRunner:
             sampled = self.sampler(logits, info)
         else:
             sampled = torch.empty(0, dtype=torch.long, device=self.device)
+        if timer is not None:
+            timer.launched()
         if extras is None:
             tokens = sampled.tolist()  # the step's one host synchronisation
         else:  # the same one transfer, carrying the logprobs and hidden states too
             tokens = extras.collect(self.model, hidden, logits, sampled)
+        if timer is not None:
+            timer.on_host()
         it = iter(tokens)
         return [next(it) if c.samples else None for c in batch.chunks]
 

@@ -26,12 +26,20 @@ def dense_reference(q, k, v, prefix_len, scale):
 
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (7, 1)])
-def test_mixed_batch_matches_dense(page_size, hq, hkv):
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        # (prefix already cached, new tokens): decodes and extends with and without prefixes
+        [(0, 9), (13, 1), (30, 5), (0, 1), (47, 1), (5, 20)],
+        # prefills from position 0 only, ragged (the causal fast path without a mask)
+        [(0, 9), (0, 33), (0, 2), (0, 17), (0, 40)],
+    ],
+    ids=["mixed", "prefills"],
+)
+def test_mixed_batch_matches_dense(page_size, hq, hkv, shapes):
     rng = random.Random(page_size * 100 + hq)
     torch.manual_seed(rng.randrange(1 << 30))
     D, layers = 16, 2
-    # (prefix already cached, new tokens): decodes and extends with and without prefixes
-    shapes = [(0, 9), (13, 1), (30, 5), (0, 1), (47, 1), (5, 20)]
     pool = KVPool(layers, 1 + 400 // page_size + len(shapes), page_size, hkv, D, torch.float32, "cpu")
     backend = TorchAttentionBackend(pool, hq, hkv, D)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
+from pipeline_infer.kernels.attention.decode_mirror import DecodeMirror, MirrorBucket
 
 # What one more SDPA call costs, in padded key tokens of gather + attention (measured on a
 # 2-core CPU for SmolLM2-135M shapes; the exact value only moves bucket boundaries).
@@ -37,8 +38,11 @@ class _Group:
     token_index: torch.Tensor | None  # [G * Q] rows of the flattened tokens (padding -> row 0); None: all rows in order
     valid_index: torch.Tensor | None  # [n] entries of the [G * Q] output that are real tokens; None: all
     out_index: torch.Tensor | None  # [n] rows of the output they go to; None: all rows in order
-    kv_slots: torch.Tensor  # [G * K] cache slots; padding points at slot 0 (scratch page)
-    mask: torch.Tensor  # decodes: [G, 1, 1, K] float, 0 / -inf; extends: [G, 1, Q, K] bool, True = may attend
+    kv_slots: torch.Tensor | None  # [G * K] cache slots; padding points at slot 0 (scratch page)
+    # decodes: [G, 1, 1, K] float, 0 / -inf; extends: [G, 1, Q, K] bool, True = may attend;
+    # None: prefills with no cached prefix, where plain causal attention is exact (below)
+    mask: torch.Tensor | None
+    mirror: MirrorBucket | None = None  # decodes whose K/V are kept dense across steps (kv_slots unused)
 
 
 @dataclass
@@ -52,6 +56,14 @@ class TorchAttentionBackend:
         self.num_q_heads = num_q_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        # On the CPU the per-layer gather out of the paged cache is a large part of a decode
+        # step; the mirror keeps the decodes' K/V dense across steps instead. (On CUDA the
+        # Triton and FlashInfer backends read pages directly and this backend is the reference.)
+        self.mirror = (
+            DecodeMirror(kv_pool.num_layers, num_kv_heads, head_dim, kv_pool.dtype)
+            if kv_pool.device.type == "cpu"
+            else None
+        )
 
     def plan(self, batch: ForwardBatch) -> None:
         decode_rows = [b for b, e in enumerate(batch.extend_lens) if e == 1]
@@ -61,16 +73,51 @@ class TorchAttentionBackend:
             starts.append(starts[-1] + e)
         total = starts[-1]
         seq_lens = [p + e for p, e in zip(batch.prefix_lens, batch.extend_lens)]
-        groups = [
-            self._plan_group(batch, bucket, starts, total)
-            for rows in (decode_rows, extend_rows)
-            for bucket in split_by_length(rows, seq_lens, batch.extend_lens)
+        table = torch.as_tensor(
+            batch.page_table_host if batch.page_table_host is not None else batch.page_table.cpu()
+        ).long()
+        decode_buckets = split_by_length(decode_rows, seq_lens, batch.extend_lens)
+        mirrored = None
+        if self.mirror is not None:
+            ps = self.kv_pool.page_size
+            tab = table.numpy()
+
+            def slot_at(b: int, pos: int) -> int:
+                return int(tab[b, pos // ps]) * ps + pos % ps
+
+            mirrored = self.mirror.plan(
+                decode_buckets, seq_lens, slot_at, lambda rows, n: self._slot_table(table, rows, seq_lens, n)
+            )
+        if mirrored is not None:
+            groups = [self._plan_group(batch, table, rows, starts, total, mirror=mb) for rows, mb in mirrored]
+        else:
+            groups = [self._plan_group(batch, table, rows, starts, total) for rows in decode_buckets]
+        groups += [
+            self._plan_group(batch, table, rows, starts, total)
+            for rows in split_by_length(extend_rows, seq_lens, batch.extend_lens)
         ]
         batch.attn_metadata = TorchAttentionMetadata(groups)
 
-    def _plan_group(self, batch: ForwardBatch, rows: list[int], starts: list[int], total: int) -> _Group:
-        device = batch.input_ids.device
+    def _slot_table(self, table: torch.Tensor, rows: list[int], seq_lens, n: int) -> torch.Tensor:
+        """[len(rows), n] cache slots of each row's first n tokens; slot 0 (scratch) past its length."""
         page_size = self.kv_pool.page_size
+        k_pos = torch.arange(n)
+        pages = table[rows]  # [G, max_pages]
+        page_idx = (k_pos // page_size).clamp(max=pages.shape[1] - 1)
+        slots = pages[:, page_idx] * page_size + (k_pos % page_size)[None, :]
+        seq = torch.tensor([seq_lens[b] for b in rows])
+        return torch.where(k_pos[None, :] < seq[:, None], slots, 0)
+
+    def _plan_group(
+        self,
+        batch: ForwardBatch,
+        table: torch.Tensor,
+        rows: list[int],
+        starts: list[int],
+        total: int,
+        mirror: MirrorBucket | None = None,
+    ) -> _Group:
+        device = batch.input_ids.device
         ext = torch.tensor([batch.extend_lens[b] for b in rows], dtype=torch.long)
         pre = torch.tensor([batch.prefix_lens[b] for b in rows], dtype=torch.long)
         start = torch.tensor([starts[b] for b in rows], dtype=torch.long)
@@ -84,16 +131,19 @@ class TorchAttentionBackend:
         all_valid = bool(token_valid.all())
 
         k_pos = torch.arange(k_max)
-        table = batch.page_table_host if batch.page_table_host is not None else batch.page_table.cpu()
-        pages = torch.as_tensor(table)[rows].long()  # [G, max_pages]
-        page_idx = (k_pos // page_size).clamp(max=pages.shape[1] - 1)
-        slots = pages[:, page_idx] * page_size + (k_pos % page_size)[None, :]
         k_valid = k_pos[None, :] < seq[:, None]
-        kv_slots = torch.where(k_valid, slots, 0).reshape(-1)
+        seq_lens = {b: int(s) for b, s in zip(rows, seq)}
+        # Mirrored decodes read their dense buffers, not the pool: no slots to gather.
+        kv_slots = None if mirror is not None else self._slot_table(table, rows, seq_lens, k_max).reshape(-1)
 
         if q_max == 1:
             # A decode's one query sits at the end and sees every key of its sequence.
             mask = torch.zeros(len(rows), 1, 1, k_max).masked_fill_(~k_valid[:, None, None, :], float("-inf"))
+        elif not bool(pre.any()):
+            # Prefills from position 0: every row's key j is its token j, so top-left causal
+            # attention is exact for real queries (keys past a row's end lie past its queries),
+            # and lets the kernel skip the masked half instead of reading a mask.
+            mask = None
         else:
             # Query i of a row sits at absolute position pre + i and sees keys 0 .. pre + i.
             causal = k_pos[None, None, :] <= (pre[:, None, None] + q_pos[None, :, None])
@@ -109,8 +159,9 @@ class TorchAttentionBackend:
             token_index=None if in_order else token_index.to(device),
             valid_index=None if all_valid else flat_valid.nonzero().squeeze(1).to(device),
             out_index=None if in_order else token_index[flat_valid].to(device),
-            kv_slots=kv_slots.to(device),
-            mask=mask.to(device),
+            kv_slots=None if kv_slots is None else kv_slots.to(device),
+            mask=None if mask is None else mask.to(device),
+            mirror=mirror,
         )
 
     def forward(
@@ -130,16 +181,25 @@ class TorchAttentionBackend:
         hq, hkv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
         for g in meta.groups:
             G, Q, K = g.num_seqs, g.q_len, g.kv_len
-            # Whole-row copies out of the cache; advanced indexing copies element by element.
-            kg = k_flat.index_select(0, g.kv_slots).view(G, K, hkv, d).transpose(1, 2).to(q.dtype)  # [G, Hkv, K, D]
-            vg = v_flat.index_select(0, g.kv_slots).view(G, K, hkv, d).transpose(1, 2).to(q.dtype)
+            if g.mirror is not None:  # decodes kept dense across steps: add this step's K/V
+                kn = k if g.token_index is None else k.index_select(0, g.token_index)
+                vn = v if g.token_index is None else v.index_select(0, g.token_index)
+                kb, vb = DecodeMirror.update(g.mirror, layer_id, k_flat, v_flat, kn, vn)
+                kg = kb[:, :K].transpose(1, 2).to(q.dtype)  # [G, Hkv, K, D]
+                vg = vb[:, :K].transpose(1, 2).to(q.dtype)
+            else:
+                # Whole-row copies out of the cache; advanced indexing copies element by element.
+                kg = k_flat.index_select(0, g.kv_slots).view(G, K, hkv, d).transpose(1, 2).to(q.dtype)
+                vg = v_flat.index_select(0, g.kv_slots).view(G, K, hkv, d).transpose(1, 2).to(q.dtype)
             qg = q if g.token_index is None else q.index_select(0, g.token_index)  # [G * Q, Hq, D]
             if Q == 1:
                 og = F.scaled_dot_product_attention(qg.reshape(G, hkv, hq // hkv, d), kg, vg, attn_mask=g.mask, scale=scale)
                 og = og.reshape(G, hq, d)
             else:
                 qg = qg.reshape(G, Q, hq, d).transpose(1, 2)  # [G, Hq, Q, D]
-                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=hq != hkv)
+                og = F.scaled_dot_product_attention(
+                    qg, kg, vg, attn_mask=g.mask, is_causal=g.mask is None, scale=scale, enable_gqa=hq != hkv
+                )
                 og = og.transpose(1, 2).reshape(G * Q, hq, d)
             if g.valid_index is not None:
                 og = og.index_select(0, g.valid_index)
