@@ -105,6 +105,9 @@ class _StubRunner:
             time.sleep(self.step_s)
         return [1 if c.samples else None for c in batch.chunks]
 
+    def on_idle(self):
+        pass
+
 
 def run_engine(workload: str, policy: str, radix: bool, num_prompts: int | None, step_ms: float) -> dict:
     """The whole host path of `Engine.generate(list)`: EngineCore's thread + the sync front end's collector."""

@@ -66,6 +66,8 @@ class EngineCore:
         while True:
             # Block for messages only when there is nothing to run.
             block = not self.scheduler.has_work
+            if block:
+                self.runner.on_idle()
             if not self._drain(block):
                 break
             timer = self.timer

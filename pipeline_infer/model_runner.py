@@ -264,6 +264,12 @@ class ModelRunner:
         it = iter(tokens)
         return [next(it) if c.samples else None for c in batch.chunks]
 
+    def on_idle(self) -> None:
+        """The engine has nothing to run: let the backend drop per-batch state it keeps."""
+        hook = getattr(self.attn_backend, "on_idle", None)
+        if hook is not None:
+            hook()
+
     def release(self) -> None:
         """Drop the model and the KV tensors so their memory can go back."""
         self.graph_runner = None  # graphs hold their own memory pool

@@ -143,3 +143,32 @@ def test_mirror_over_continuous_batching(monkeypatch, page_size, hq, hkv):
     # the mirror did carry most steps, and was rebuilt when it had to be
     assert continued > 20 and builds > 5, (continued, builds)
     assert successors >= 1
+
+
+def test_engine_gives_mirror_back_when_idle(tmp_path):
+    """After a batch the engine goes idle and the decode mirror's buffers are dropped."""
+    import time
+
+    from tiny_models import make_tiny_model
+
+    from pipeline_infer import Engine
+
+    directory, _ = make_tiny_model(str(tmp_path), "llama")
+    with Engine(directory, page_size=1) as llm:
+        mirror = llm._runner.attn_backend.mirror
+        kept = []
+        plan = mirror.plan
+
+        def spy(*args):  # record that decode steps did run on the mirror
+            out = plan(*args)
+            kept.append(bool(mirror.buckets))
+            return out
+
+        mirror.plan = spy
+        outs = llm.generate(input_ids=[[5, 6, 7], [8, 9]], sampling_params={"max_new_tokens": 8, "temperature": 0})
+        assert all(len(o["output_ids"]) == 8 for o in outs)
+        assert any(kept)
+        deadline = time.monotonic() + 5
+        while mirror.buckets and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mirror.buckets == []

@@ -62,6 +62,10 @@ class DecodeMirror:
         self.buckets: list[MirrorBucket] = []
         self.step = 0
 
+    def reset(self) -> None:
+        """Drop every buffer (the engine went idle: nothing to continue, memory to give back)."""
+        self.buckets = []
+
     def plan(
         self,
         buckets: list[list[int]],

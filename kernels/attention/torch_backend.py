@@ -65,6 +65,11 @@ class TorchAttentionBackend:
             else None
         )
 
+    def on_idle(self) -> None:
+        """No requests left: the decode mirror's buffers go back."""
+        if self.mirror is not None:
+            self.mirror.reset()
+
     def plan(self, batch: ForwardBatch) -> None:
         decode_rows = [b for b, e in enumerate(batch.extend_lens) if e == 1]
         extend_rows = [b for b, e in enumerate(batch.extend_lens) if e > 1]
