@@ -16,6 +16,7 @@ import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
+from pipeline_infer.page_table import PageTableBuilder
 from pipeline_infer.sampler import Sampler, SamplingBatchInfo
 from pipeline_infer.step_extras import StepExtras
 from pipeline_infer.structured import fill_bitmask
@@ -68,6 +69,7 @@ class ModelRunner:
         )
         self.attn_backend = self._make_backend(attention_backend)
         self.sampler = Sampler()
+        self.page_tables = PageTableBuilder()
         self.timer = None  # a step_timing.StepTimer when the engine was asked for step timing
         self.graph_runner = None
         if cuda_graph_max_bs > 0 and device.type == "cuda" and hasattr(self.attn_backend, "graph_decode_metadata"):
@@ -178,34 +180,40 @@ class ModelRunner:
 
     # --- one step ------------------------------------------------------------------
     def build_forward_batch(self, batch: "ScheduledBatch") -> ForwardBatch:
+        # Host work of every step, so kept to plain-int arithmetic per decode (most chunks of
+        # a step) and a few array operations per step: no numpy call per request.
         ps = self.page_size
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        positions: list[int] = []
+        slots: list[int] = []
         logits_rows: list[int] = []
-        max_pages = max(len(c.req.pages) for c in batch.chunks)
-        page_table = np.zeros((len(batch.chunks), max(max_pages, 1)), dtype=np.int32)
-        offset = 0
-        for b, c in enumerate(batch.chunks):
-            req = c.req
-            ids.extend(req.token_ids[c.start : c.start + c.length])
-            pos = np.arange(c.start, c.start + c.length, dtype=np.int64)
-            pages = np.asarray(req.pages, dtype=np.int64)
-            page_table[b, : len(pages)] = pages
-            positions.append(pos)
-            slots.append(pages[pos // ps] * ps + pos % ps)
-            offset += c.length
+        for c in batch.chunks:
+            req, start, length = c.req, c.start, c.length
+            pages = req.pages
+            if length == 1:
+                ids.append(req.token_ids[start])
+                positions.append(start)
+                slots.append(pages[start // ps] * ps + start % ps)
+            else:
+                end = start + length
+                ids.extend(req.token_ids[start:end])
+                pos = range(start, end)
+                positions.extend(pos)
+                page_arr = np.asarray(pages, dtype=np.int64)
+                p = np.arange(start, end, dtype=np.int64)
+                slots.extend((page_arr[p // ps] * ps + p % ps).tolist())
             if c.samples:
-                logits_rows.append(offset - 1)
+                logits_rows.append(len(ids) - 1)
+        page_table = self.page_tables.build([c.req for c in batch.chunks])
         dev = self.device
         fb = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
+            positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
             extend_lens=[c.length for c in batch.chunks],
             prefix_lens=[c.start for c in batch.chunks],
             page_table=torch.from_numpy(page_table).to(dev, non_blocking=True),
             page_table_host=page_table,
-            out_cache_loc=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+            out_cache_loc=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
             logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(dev, non_blocking=True),
             attn_backend=self.attn_backend,
         )
@@ -265,7 +273,8 @@ class ModelRunner:
         return [next(it) if c.samples else None for c in batch.chunks]
 
     def on_idle(self) -> None:
-        """The engine has nothing to run: let the backend drop per-batch state it keeps."""
+        """The engine has nothing to run: drop per-batch state kept from step to step."""
+        self.page_tables.reset()
         hook = getattr(self.attn_backend, "on_idle", None)
         if hook is not None:
             hook()

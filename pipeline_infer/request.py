@@ -61,6 +61,10 @@ class Request:
 
     # KV state (owned by the scheduler)
     pages: list[int] = field(default_factory=list)
+    # Bumped whenever `pages` changes other than by appending (admission, sharing with the
+    # prefix cache, release): the model runner patches its page table from step to step
+    # and must rebuild a request's row then.
+    pages_version: int = 0
     num_computed: int = 0
     # Leading pages owned by the prefix cache: from the match at admission, then also the pages
     # this request computed and handed to the tree after each prefill chunk. Never freed by it.

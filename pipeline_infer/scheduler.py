@@ -399,6 +399,7 @@ class Scheduler:
             return False, reserved
         req.prefix_node = node
         req.pages = list(matched_pages) + new_pages
+        req.pages_version += 1
         req.num_shared_pages = len(matched_pages)
         req.num_computed = matched_tokens
         if req.num_retractions == 0:
@@ -756,6 +757,7 @@ class Scheduler:
             self.prefix_cache.unlock(req.prefix_node)
         req.prefix_node = result.node
         req.pages[:full] = result.pages
+        req.pages_version += 1
         req.num_shared_pages = full
         # Duplicates were the request's own pages (never the tree's): no one else has them.
         self.allocator.free(result.duplicate_pages)
@@ -768,6 +770,7 @@ class Scheduler:
         if self._inflight is not None:
             self._inflight.remove(req)
         pages, req.pages = req.pages, []
+        req.pages_version += 1
         shared, req.num_shared_pages = req.num_shared_pages, 0
         if self.prefix_cache is not None and req.prefix_node is not None:
             self.prefix_cache.unlock(req.prefix_node)
