@@ -4,10 +4,13 @@ Order of operations (the same as SGLang and vLLM):
   logit_bias -> penalties (repetition, frequency, presence) -> min_new_tokens stop-token mask
   -> structured-output (grammar) mask -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
 
-Draws use the "exponential race": argmax(p / E) with E ~ Exp(1) i.i.d. per token is an exact
-sample from p, needs no normalisation after the top-k/p/min-p masks, and makes seeding easy: a
-request with `sampling_seed` draws its E from its own generator, seeded by (seed, step), so its
-output does not depend on what else shares the batch.
+Draws invert the cumulative distribution: one uniform u per row, and the token is the first
+whose running sum of (unnormalised, masked) probabilities exceeds u times their total. That is
+an exact sample from p, needs no renormalising after the top-k/p/min-p masks, and costs one
+cumsum and one search for the whole batch. Seeding is one number per row: a request with
+`sampling_seed` takes its u from a hash of (seed, step) computed on the host, so its output does
+not depend on what else shares the batch, and a step costs no per-request device work however
+many rows are seeded (the operators seed every row of a dataset job).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ _MASK = float("-inf")
 
 @dataclass
 class SamplingBatchInfo:
-    temperatures: torch.Tensor  # [B, 1] float32, 1.0 on greedy rows (they skip the division)
-    top_ps: torch.Tensor  # [B] float32
-    top_ks: torch.Tensor  # [B] int64, vocab_size where disabled
-    min_ps: torch.Tensor  # [B] float32
-    greedy: torch.Tensor  # [B] bool
+    # The draw's columns; None when every row is greedy (then only argmax runs).
+    temperatures: torch.Tensor | None  # [B, 1] float32, 1.0 on greedy rows (they skip the division)
+    top_ps: torch.Tensor | None  # [B] float32
+    top_ks: torch.Tensor | None  # [B] int64, vocab_size where disabled
+    min_ps: torch.Tensor | None  # [B] float32
+    greedy: torch.Tensor | None  # [B] bool
     all_greedy: bool
     need_top_p: bool
     need_top_k: bool
@@ -64,16 +68,19 @@ class SamplingBatchInfo:
         def col(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
+        all_greedy = all(greedy)
         temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
         top_ks = [V if (p.top_k < 0 or p.top_k >= V) else p.top_k for p in params]
         info_penalties = _penalties(params, prompt_ids, output_ids, V, device)
+        # An all-greedy step (the common batch-job case) reads none of the draw's columns:
+        # skip their host-to-device copies, which are per-step host work.
         return cls(
-            temperatures=col(temps, torch.float32).view(B, 1),
-            top_ps=col([p.top_p for p in params], torch.float32),
-            top_ks=col(top_ks, torch.int64),
-            min_ps=col([p.min_p for p in params], torch.float32),
-            greedy=col(greedy, torch.bool),
-            all_greedy=all(greedy),
+            temperatures=None if all_greedy else col(temps, torch.float32).view(B, 1),
+            top_ps=None if all_greedy else col([p.top_p for p in params], torch.float32),
+            top_ks=None if all_greedy else col(top_ks, torch.int64),
+            min_ps=None if all_greedy else col([p.min_p for p in params], torch.float32),
+            greedy=None if all_greedy else col(greedy, torch.bool),
+            all_greedy=all_greedy,
             need_top_p=any(p.top_p < 1.0 for p, g in zip(params, greedy) if not g),
             need_top_k=any(k < V for k, g in zip(top_ks, greedy) if not g),
             need_min_p=any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g),
@@ -150,7 +157,13 @@ class Sampler:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / info.temperatures, dim=-1)
         probs = self._truncate(probs, info)
-        sampled = (probs / self._exponentials(probs, info)).argmax(dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        # u * total < total strictly (float rounding could reach it), so the token found is
+        # one where the running sum rises: a token of non-zero probability.
+        target = torch.minimum(self._uniforms(info, probs.device).view(-1, 1) * total,
+                               torch.nextafter(total, torch.zeros_like(total)))
+        sampled = torch.searchsorted(cdf, target, right=True).view(-1).clamp_(max=probs.shape[-1] - 1)
         return torch.where(info.greedy, logits.argmax(dim=-1), sampled)
 
     @staticmethod
@@ -189,17 +202,24 @@ class Sampler:
         return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
     @staticmethod
-    def _exponentials(probs: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-        B, V = probs.shape
-        u = torch.rand(B, V, device=probs.device, dtype=torch.float32)
-        for i, seed in enumerate(info.seeds):
-            if seed is None:
-                continue
-            g = torch.Generator(device=probs.device)
-            g.manual_seed(_mix(seed, info.steps[i]))
-            u[i] = torch.rand(V, generator=g, device=probs.device, dtype=torch.float32)
-        # E = -log(U); clamp keeps U = 0 (possible in float32) from producing an infinite E.
-        return -torch.log(u.clamp_min(1e-20))
+    def _uniforms(info: SamplingBatchInfo, device: torch.device) -> torch.Tensor:
+        """[B] float32 in [0, 1): the torch generator's for unseeded rows, a hash of (seed, step) for seeded ones."""
+        seeded = [(i, _unit(_mix(seed, step))) for i, (seed, step) in enumerate(zip(info.seeds, info.steps))
+                  if seed is not None]
+        B = len(info.seeds)
+        if len(seeded) == B:  # every row seeded (a dataset job): no device RNG call at all
+            return torch.tensor([u for _, u in seeded], dtype=torch.float32).to(device, non_blocking=True)
+        u = torch.rand(B, device=device, dtype=torch.float32)
+        if seeded:
+            rows = torch.tensor([i for i, _ in seeded], dtype=torch.long).to(device, non_blocking=True)
+            vals = torch.tensor([v for _, v in seeded], dtype=torch.float32).to(device, non_blocking=True)
+            u.index_copy_(0, rows, vals)
+        return u
+
+
+def _unit(x: int) -> float:
+    """A 63-bit hash as a float32-exact value in [0, 1): its top 24 bits."""
+    return (x >> 39) * 2.0**-24
 
 
 def _mix(seed: int, step: int) -> int:

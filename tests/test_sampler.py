@@ -156,3 +156,23 @@ def test_normalisation():
     p = SamplingParams.from_dict({"stop": "###", "stop_regex": r"\d+", "temperature": 1})
     assert p.stop == ["###"] and p.stop_regex == [r"\d+"] and isinstance(p.temperature, float)
     assert SamplingParams.from_dict(p) is not p and SamplingParams.from_dict(p) == p
+
+
+def test_seeded_rows_sample_the_distribution():
+    """Across many seeds, seeded draws follow the same softmax as unseeded ones."""
+    n = 40000
+    logits = torch.tensor(LOGITS, dtype=torch.float32).repeat(n, 1)
+    toks = Sampler()(logits, _info([_sp(temperature=1.0)] * n, seeds=list(range(n))))
+    freq = torch.bincount(toks, minlength=V).float() / n
+    assert torch.allclose(freq, torch.softmax(torch.tensor(LOGITS), -1), atol=0.01)
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-24])
+def test_extreme_uniforms_never_pick_a_masked_token(monkeypatch, u):
+    # top_k=2 leaves tokens 0 and 1; a draw at either end of [0, 1) must land on one of them,
+    # whichever end the masked (zero-probability) tokens sit at.
+    monkeypatch.setattr(Sampler, "_uniforms", staticmethod(lambda info, device: torch.full((len(info.seeds),), u)))
+    for row in (LOGITS, LOGITS[::-1]):
+        logits = torch.tensor([row], dtype=torch.float32)
+        tok = Sampler()(logits, _info([_sp(temperature=1.0, top_k=2)])).item()
+        assert tok in set(torch.tensor(row).topk(2).indices.tolist())
