@@ -189,17 +189,34 @@ class Sampler:
             probs = probs.masked_fill(probs < cut, 0.0)
         if not (info.need_top_k or info.need_top_p):
             return probs
+        V = probs.shape[-1]
+        total = probs.sum(dim=-1, keepdim=True)
+        top_ks, top_ps = info.top_ks.view(-1, 1), info.top_ps.view(-1, 1)
+        out = torch.zeros_like(probs)
+        # Sorting a whole vocabulary per row is most of a sampling step; the kept tokens are
+        # almost always among the few hundred most likely. So rank only the top candidates,
+        # and sort in full just the rows whose kept set reaches past them.
+        if _TOP_CANDIDATES < V:
+            cand_p, cand_idx = probs.topk(_TOP_CANDIDATES, dim=-1)  # sorted, descending
+            drop = _dropped(cand_p, top_ks, top_ps, total, info.need_top_p)
+            # The drop rule is monotone in rank: a dropped last candidate means every token
+            # after it goes too, so the candidates decide the row. Rows with neither top-k nor
+            # top-p (greedy ones too: only their argmax is used) keep every token.
+            untouched = ((top_ks >= V) & (top_ps >= 1.0)).view(-1)
+            decided = drop[:, -1] | untouched
+            out.scatter_(-1, cand_idx, cand_p.masked_fill(drop, 0.0))
+            out = torch.where(untouched.view(-1, 1), probs, out)
+            rest = (~decided).nonzero().view(-1)  # a device sync, just before the step's own one
+            if rest.numel() == 0:
+                return out
+            sub = probs.index_select(0, rest)
+            sorted_p, order = sub.sort(dim=-1, descending=True)
+            drop = _dropped(sorted_p, top_ks[rest], top_ps[rest], total[rest], info.need_top_p)
+            out.index_copy_(0, rest, torch.zeros_like(sub).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0)))
+            return out
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        ranks = torch.arange(probs.shape[-1], device=probs.device).view(1, -1)
-        drop = ranks >= info.top_ks.view(-1, 1)
-        if info.need_top_p:
-            # Keep the smallest prefix whose mass reaches top_p: a token goes when the mass
-            # strictly before it already does (so the first token always stays).
-            before = sorted_p.cumsum(dim=-1) - sorted_p
-            total = sorted_p.sum(dim=-1, keepdim=True)
-            drop |= before >= info.top_ps.view(-1, 1) * total
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        drop = _dropped(sorted_p, top_ks, top_ps, total, info.need_top_p)
+        return out.scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
 
     @staticmethod
     def _uniforms(info: SamplingBatchInfo, device: torch.device) -> torch.Tensor:
@@ -215,6 +232,22 @@ class Sampler:
             vals = torch.tensor([v for _, v in seeded], dtype=torch.float32).to(device, non_blocking=True)
             u.index_copy_(0, rows, vals)
         return u
+
+
+# Tokens ranked per row before top-k / top-p (rows whose kept set is longer get a full sort).
+_TOP_CANDIDATES = 1024
+
+
+def _dropped(sorted_p: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, total: torch.Tensor,
+             need_top_p: bool) -> torch.Tensor:
+    """[B, n] True where the token at that rank goes: rank >= top_k, or (top-p) the mass strictly
+    before it already reaches top_p of the row's total (so the first token always stays)."""
+    ranks = torch.arange(sorted_p.shape[-1], device=sorted_p.device).view(1, -1)
+    drop = ranks >= top_ks
+    if need_top_p:
+        before = sorted_p.cumsum(dim=-1) - sorted_p
+        drop |= before >= top_ps * total
+    return drop
 
 
 def _unit(x: int) -> float:

@@ -176,3 +176,25 @@ def test_extreme_uniforms_never_pick_a_masked_token(monkeypatch, u):
         logits = torch.tensor([row], dtype=torch.float32)
         tok = Sampler()(logits, _info([_sp(temperature=1.0, top_k=2)])).item()
         assert tok in set(torch.tensor(row).topk(2).indices.tolist())
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 5])
+def test_candidate_truncation_equals_full_sort(monkeypatch, candidates):
+    """top-k / top-p over the top candidates only (full sort for rows that reach past them) keeps
+    exactly what sorting the whole row keeps, row by row, in a batch mixing every case."""
+    from pipeline_infer import sampler as sampler_mod
+
+    torch.manual_seed(3)
+    B = 60
+    logits = torch.randn(B, V) * 2
+    params = []
+    for i in range(B):
+        kind = i % 7  # top-p only, top-k only, both, neither (passes through), a greedy row
+        params.append(_sp(temperature=0.0 if kind == 6 else 1.0, top_k=[-1, 2, 4, -1, 3, -1, -1][kind],
+                          top_p=[0.3, 1.0, 0.9, 0.95, 0.5, 1.0, 1.0][kind], min_p=0.05 if i % 4 == 0 else 0.0))
+    info = _info(params)
+    probs = torch.softmax(logits, -1)
+    monkeypatch.setattr(sampler_mod, "_TOP_CANDIDATES", V)  # V is not below it: the full-sort path
+    full = Sampler._truncate(probs, info)
+    monkeypatch.setattr(sampler_mod, "_TOP_CANDIDATES", candidates)
+    torch.testing.assert_close(Sampler._truncate(probs, info), full, rtol=0, atol=0)
