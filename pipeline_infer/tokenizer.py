@@ -26,6 +26,18 @@ class Tokenizer:
         if hf_tokenizer.eos_token_id is not None:
             eos.add(int(hf_tokenizer.eos_token_id))
         self.eos_token_ids: set[int] = eos
+        # Detokenizing runs twice per generated token per request on the engine thread. A fast
+        # tokenizer's own decode is exactly the Rust backend's decode unless it post-processes
+        # (clean_up_tokenization_spaces), and calling the backend directly skips ~2 us of
+        # Python wrapping per call (0.74 vs 2.69 us here), about a millisecond per step at 256
+        # running requests.
+        backend = getattr(hf_tokenizer, "_tokenizer", None)
+        self._backend_decode = (
+            backend.decode
+            if backend is not None and hasattr(backend, "decode")
+            and not getattr(hf_tokenizer, "clean_up_tokenization_spaces", False)
+            else None
+        )
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> "Tokenizer":
@@ -45,6 +57,8 @@ class Tokenizer:
         return [list(ids) for ids in out]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids if isinstance(ids, list) else list(ids), skip_special_tokens=skip_special_tokens)
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -80,3 +80,18 @@ def test_earliest_of_several_stop_strings_wins(tok):
 def test_encode_batch_matches_single(tok):
     batch = tok.encode(TEXTS)
     assert batch == [tok.encode([t])[0] for t in TEXTS]
+
+
+def test_decode_equals_the_hf_tokenizers_decode(tok):
+    """The direct backend call gives exactly what the HF tokenizer's decode gives."""
+    import random
+
+    assert tok._backend_decode is not None  # the bundled tokenizer takes the fast path
+    rng = random.Random(0)
+    specials = sorted(tok.hf.all_special_ids)
+    n = tok.vocab_size
+    for _ in range(300):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(n) for _ in range(rng.randint(0, 12))]
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == tok.hf.decode(ids, skip_special_tokens=skip)
+    assert tok.decode((5, 6, 7)) == tok.hf.decode([5, 6, 7], skip_special_tokens=True)  # any sequence type
