@@ -207,6 +207,8 @@ def main():
     ap.add_argument("--max-running-requests", type=int, default=None)
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--disable-radix-cache", action="store_true")
+    ap.add_argument("--no-mixed-chunk", action="store_true",
+                    help="Engine(enable_mixed_chunk=False): prefill-only or decode-only steps")
     ap.add_argument("--breakdown", action="store_true",
                     help="per-step host vs device time (Engine(enable_step_timing=True)): print and save it")
     ap.add_argument("--json", default=None, help="append results (a JSON list) to this file")
@@ -228,7 +230,7 @@ def main():
         device = {"name": "cpu", "copy_Bps": None, "matmul_flops": None}
         print("no CUDA device: running on the CPU, without the floor")
     opts = dict(page_size=args.page_size, disable_cuda_graph=args.disable_cuda_graph,
-                disable_radix_cache=args.disable_radix_cache)
+                disable_radix_cache=args.disable_radix_cache, enable_mixed_chunk=not args.no_mixed_chunk)
     if args.backend:
         opts["attention_backend"] = args.backend
     if args.max_running_requests:
@@ -236,6 +238,7 @@ def main():
     config = ",".join(
         [args.backend or "auto"] + (["no-graphs"] if args.disable_cuda_graph else [])
         + (["no-radix"] if args.disable_radix_cache else [])
+        + (["no-mixed"] if args.no_mixed_chunk else [])
     )
     shape = ModelShape.from_config(cfg)
     results = []

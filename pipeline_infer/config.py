@@ -36,6 +36,9 @@ class EngineConfig:
     mem_fraction_static: float = 0.85  # CUDA: fraction of free memory for weights + KV
     max_running_requests: int | None = None
     chunked_prefill_size: int = 8192  # prefill tokens per step across requests
+    # True: prefill chunks share steps with the running decodes. False (SGLang's default): a
+    # step is prefill-only or decode-only, so every decode step can replay a CUDA graph.
+    enable_mixed_chunk: bool = True
     schedule_policy: str = "auto"  # "batch" for batch submissions, "fcfs" otherwise (see scheduler.py)
     schedule_conservativeness: float = 1.0  # scales the decode reserve at admission
     disable_radix_cache: bool = False

@@ -93,6 +93,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         schedule_policy=cfg.schedule_policy,
         conservativeness=cfg.schedule_conservativeness,
         prefix_cache=prefix_cache,
+        mixed_chunk=cfg.enable_mixed_chunk,
     )
     timer = None
     if cfg.enable_step_timing:

@@ -146,7 +146,10 @@ class ModelRunner:
         backend.plan(fb)
         hidden = self.model(fb)
         logits = self.model.compute_logits(hidden[fb.logits_indices])
-        params = [SamplingParams(temperature=0.7, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1)] * sampling_rows
+        # The sampler's worst case: flat logits under top-p, so no row's kept set fits in the
+        # top candidates and every row takes the full-vocabulary sort (sampler._truncate).
+        logits.zero_()
+        params = [SamplingParams(temperature=0.7, top_p=0.9999, min_p=0.05, repetition_penalty=1.1)] * sampling_rows
         info = SamplingBatchInfo.build(
             params=params,
             prompt_ids=[[1, 2, 3]] * sampling_rows,

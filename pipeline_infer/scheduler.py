@@ -2,6 +2,9 @@
 
 Each step mixes the decodes of every running request with prefill chunks (of requests
 already running, then of newly admitted ones) bounded by `chunked_prefill_size` tokens.
+With `mixed_chunk=False` (the engine's `enable_mixed_chunk=False`, SGLang's default) a step
+is either prefill chunks only, whenever there are any to run, or decodes only: decode steps
+then always fit a captured CUDA graph, at the price of pausing decodes during prefills.
 
 Page ownership
 --------------
@@ -229,6 +232,7 @@ class Scheduler:
         schedule_policy: str = "fcfs",
         conservativeness: float = 1.0,
         prefix_cache: PrefixCache | None = None,
+        mixed_chunk: bool = True,
     ):
         if schedule_policy not in ("auto", "fcfs", "lpm", "batch"):
             raise ValueError(f"schedule_policy must be 'auto', 'fcfs', 'lpm' or 'batch', got {schedule_policy!r}")
@@ -238,6 +242,7 @@ class Scheduler:
         self.chunked_prefill_size = chunked_prefill_size
         self.schedule_policy = schedule_policy
         self.prefix_cache = prefix_cache
+        self.mixed_chunk = mixed_chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.init_new_token_ratio = min(1.0, 0.7 * conservativeness)
@@ -291,15 +296,24 @@ class Scheduler:
 
     # --- one step ------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        chunks: list[ScheduledChunk] = []
         retractions = self.num_retractions
+        if not self.mixed_chunk:
+            # Prefill first, alone; decodes run in the steps with nothing to prefill.
+            chunks = self._prefill_chunks(self.chunked_prefill_size, retractions)
+            if chunks:
+                return self._batch(chunks)
+        chunks: list[ScheduledChunk] = []
         decodes = [r for r in self.running if r.num_computed == r.num_tokens - 1]
         decodes = self._ensure_decode_pages(decodes)
         for req in decodes:
             chunks.append(ScheduledChunk(req, req.num_computed, 1, True, prefill=False))
+        if self.mixed_chunk:
+            chunks += self._prefill_chunks(self.chunked_prefill_size, retractions)
+        return self._batch(chunks) if chunks else None
 
-        budget = self.chunked_prefill_size
-        # Requests admitted earlier whose prompts are still being prefilled, oldest first.
+    def _prefill_chunks(self, budget: int, retractions: int) -> list[ScheduledChunk]:
+        """Prefill chunks within `budget` tokens: requests already prefilling (oldest first), then admissions."""
+        chunks: list[ScheduledChunk] = []
         for req in self.running:
             if budget <= 0:
                 break
@@ -314,8 +328,9 @@ class Scheduler:
                 chunk = self._prefill_chunk(req, budget)
                 chunks.append(chunk)
                 budget -= chunk.length
-        if not chunks:
-            return None
+        return chunks
+
+    def _batch(self, chunks: list[ScheduledChunk]) -> ScheduledBatch:
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
         return ScheduledBatch(chunks)
 

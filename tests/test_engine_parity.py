@@ -64,3 +64,27 @@ def test_tiny_kv_pool_still_matches(checkpoints):
     assert [o["output_ids"] for o in outs] == expected
     assert info["max_total_tokens"] == 160
     assert all(o["meta_info"]["finish_reason"]["type"] in ("stop", "length") for o in outs)
+
+
+@pytest.mark.parametrize("pool", [None, 160])
+def test_unmixed_steps_match_hf(checkpoints, pool):
+    """enable_mixed_chunk=False: every step is prefill-only or decode-only, outputs unchanged
+    (with chunked prefills, and with a pool small enough that requests wait and retract)."""
+    directory, hf_model = checkpoints["llama"]
+    prompts = _prompts(21, n=10)
+    expected = [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
+    with Engine(directory, page_size=4, chunked_prefill_size=40, max_total_tokens=pool,
+                enable_mixed_chunk=False) as llm:
+        kinds = []
+        runner = llm._runner
+        run = runner.run
+
+        def spy(batch):
+            kinds.append({c.prefill for c in batch.chunks})
+            return run(batch)
+
+        runner.run = spy
+        outs = llm.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS})
+    assert [o["output_ids"] for o in outs] == expected
+    assert kinds and all(len(k) == 1 for k in kinds)  # never prefill and decode in one step
+    assert {True} in kinds and {False} in kinds
