@@ -129,6 +129,11 @@ def test_mirror_over_continuous_batching(monkeypatch, page_size, hq, hkv):
                 i = rows.index(gone)
                 del rows[i], counts[i]
             pool.allocator.free(gone.pages)
+        if step % 9 == 4:  # a prefill-only step (enable_mixed_chunk=False): the decodes wait
+            keep = [i for i, n in enumerate(counts) if n > 1 and rows[i].length == 0]
+            rows, counts = [rows[i] for i in keep], [counts[i] for i in keep]
+            if not rows:
+                continue
         order = list(range(len(rows)))
         rng.shuffle(order)  # the scheduler's row order changes from step to step
         rows = [rows[i] for i in order]
@@ -159,8 +164,8 @@ def test_engine_gives_mirror_back_when_idle(tmp_path):
         kept = []
         plan = mirror.plan
 
-        def spy(*args):  # record that decode steps did run on the mirror
-            out = plan(*args)
+        def spy(*args, **kwargs):  # record that decode steps did run on the mirror
+            out = plan(*args, **kwargs)
             kept.append(bool(mirror.buckets))
             return out
 
@@ -172,3 +177,52 @@ def test_engine_gives_mirror_back_when_idle(tmp_path):
         while mirror.buckets and time.monotonic() < deadline:
             time.sleep(0.01)
         assert mirror.buckets == []
+
+
+def test_a_step_without_decodes_keeps_the_mirror():
+    from pipeline_infer.kernels.attention.decode_mirror import DecodeMirror
+
+    mirror = DecodeMirror(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32)
+    k_flat, v_flat = torch.randn(64, 1, 4), torch.randn(64, 1, 4)
+    slots = list(range(10, 40))  # the one sequence's slot at each position
+    lens = [5]
+
+    def plan():
+        return mirror.plan([[0]], lens, lambda b, pos: slots[pos],
+                           lambda rows, n: torch.tensor([[slots[p] if p < lens[0] else 0 for p in range(n)]]))
+
+    def forward(planned):
+        (rows, mb), = planned
+        new = k_flat[slots[lens[0] - 1]].view(1, 1, 4)
+        DecodeMirror.update(mb, 0, k_flat, v_flat, new, new)
+        return mb
+
+    assert forward(plan()).gather_slots is not None  # first decode step: gathered
+    assert mirror.plan([], [], None, None) is None  # a prefill-only step: no decodes here
+    lens[0] += 1
+    mb = forward(plan())
+    assert mb.gather_slots is None  # continued: the held rows were still valid
+    torch.testing.assert_close(mb.k[0][0, :6], k_flat[slots[:6]])
+
+
+def test_a_prefill_into_a_held_rows_slot_drops_the_mirror():
+    """A finished row's newest slot, freed and written by a prefill while decodes paused, must not
+    let the prefilled request's first decode pass for that row's continuation."""
+    from pipeline_infer.kernels.attention.decode_mirror import DecodeMirror
+
+    mirror = DecodeMirror(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32)
+    k_flat = torch.randn(64, 1, 4)
+    old = list(range(10, 15))  # the finished request's slots; its newest is 14
+    new = [20, 21, 22, 23, 14, 30]  # a later request of one token more, whose 5th token got slot 14
+
+    def plan(slots, n):
+        return mirror.plan([[0]], [n], lambda b, pos: slots[pos],
+                           lambda rows, m: torch.tensor([[slots[p] if p < n else 0 for p in range(m)]]),
+                           written=lambda: [])
+
+    (rows, mb), = plan(old, 5)
+    DecodeMirror.update(mb, 0, k_flat, k_flat, k_flat[14].view(1, 1, 4), k_flat[14].view(1, 1, 4))
+    assert mirror.plan([], [], None, None, written=lambda: [20, 21, 22, 23, 14]) is None  # the prefill
+    assert mirror.buckets == []
+    (rows, mb), = plan(new, 6)
+    assert mb.gather_slots is not None  # gathered afresh, not continued from the finished row

@@ -72,18 +72,30 @@ class DecodeMirror:
         seq_lens: list[int],
         slot_at: Callable[[int, int], int],
         slot_table: Callable[[list[int], int], torch.Tensor],
+        written: Callable[[], list[int]] | None = None,
     ) -> list[tuple[list[int], MirrorBucket]] | None:
         """This step's decode rows as (rows in buffer order, bucket); None: gather as usual.
 
         buckets: fresh length buckets of the decode rows (batch indices), used when the mirror
         cannot continue. seq_lens[b]: row b's tokens including this step's. slot_at(b, pos):
         the cache slot of row b's token at pos. slot_table(rows, n): [len(rows), n] slots,
-        padded with the scratch slot 0 past each row's length.
+        padded with the scratch slot 0 past each row's length. written(): the slots this step
+        writes (asked for only on a step without decodes).
         """
         self.step += 1
         rows = [b for bucket in buckets for b in bucket]
-        planned = self._continue(rows, seq_lens, slot_at, slot_table) if rows else None
-        if planned is None and rows:
+        if not rows:
+            # A step without decodes (prefills only): the rows held stay valid for the next
+            # decode step, unless this step writes a slot one of them is known by. That is a
+            # request that finished, its slots freed and handed to a prefill, whose own
+            # decodes could otherwise be taken for the finished row's continuation.
+            if self.buckets and written is not None:
+                keys = {key for mb in self.buckets for key in mb.keys}
+                if any(s in keys for s in written()):
+                    self.buckets = []
+            return None
+        planned = self._continue(rows, seq_lens, slot_at, slot_table)
+        if planned is None:
             planned = self._build(buckets, seq_lens, slot_table)
         for batch_rows, mb in planned or []:
             mb.step = self.step

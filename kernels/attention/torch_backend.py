@@ -91,7 +91,8 @@ class TorchAttentionBackend:
                 return int(tab[b, pos // ps]) * ps + pos % ps
 
             mirrored = self.mirror.plan(
-                decode_buckets, seq_lens, slot_at, lambda rows, n: self._slot_table(table, rows, seq_lens, n)
+                decode_buckets, seq_lens, slot_at, lambda rows, n: self._slot_table(table, rows, seq_lens, n),
+                written=lambda: batch.out_cache_loc.tolist(),
             )
         if mirrored is not None:
             groups = [self._plan_group(batch, table, rows, starts, total, mirror=mb) for rows, mb in mirrored]
