@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from pipeline_infer.config import EngineConfig
 from pipeline_infer.extra_outputs import ExtraOutputs, OutputArgs
@@ -316,6 +316,15 @@ class _CollectorBase:
         self._sent_ids = [0] * len(reqs)
         self.done = [False] * len(reqs)
 
+    def _route_outputs(self, put: Callable[[_Snapshot], Any], finished_only: bool) -> None:
+        """Send each request's outputs to put; only its final one when finished_only (what
+        a non-streaming call returns: one event per request, not one per request per step)."""
+        for i, req in enumerate(self.reqs):
+            if finished_only:
+                req.on_output = lambda r, fin, i=i: fin and put(_Snapshot(i, r, fin))
+            else:
+                req.on_output = lambda r, fin, i=i: put(_Snapshot(i, r, fin))
+
     def final(self, i: int) -> dict[str, Any]:
         req = self.reqs[i]
         return {
@@ -356,8 +365,6 @@ class _SyncCollector(_CollectorBase):
     def __init__(self, engine: Engine, reqs: list[Request]):
         super().__init__(engine, reqs)
         self.q: queue.SimpleQueue = queue.SimpleQueue()
-        for i, req in enumerate(reqs):
-            req.on_output = lambda r, fin, i=i: self.q.put(_Snapshot(i, r, fin))
 
     def _events(self) -> Iterator[_Snapshot]:
         remaining = len(self.reqs)
@@ -371,9 +378,7 @@ class _SyncCollector(_CollectorBase):
             yield snap
 
     def wait(self, single: bool) -> dict | list[dict]:
-        # Only the final state is returned: one event per request, not one per request per step.
-        for i, req in enumerate(self.reqs):
-            req.on_output = lambda r, fin, i=i: fin and self.q.put(_Snapshot(i, r, fin))
+        self._route_outputs(self.q.put, finished_only=True)
         self.engine._core.submit(self.reqs)
         try:
             for _ in self._events():
@@ -384,6 +389,7 @@ class _SyncCollector(_CollectorBase):
 
     def stream(self, single: bool) -> Iterator[dict]:
         def gen() -> Iterator[dict]:
+            self._route_outputs(self.q.put, finished_only=False)
             self.engine._core.submit(self.reqs)
             try:
                 for snap in self._events():
@@ -400,11 +406,7 @@ class _AsyncCollector(_CollectorBase):
     def _attach(self, finished_only: bool = False) -> asyncio.Queue:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        for i, req in enumerate(self.reqs):
-            if finished_only:  # one wake-up of the event loop per request, not per request per step
-                req.on_output = lambda r, fin, i=i: fin and loop.call_soon_threadsafe(q.put_nowait, _Snapshot(i, r, fin))
-            else:
-                req.on_output = lambda r, fin, i=i: loop.call_soon_threadsafe(q.put_nowait, _Snapshot(i, r, fin))
+        self._route_outputs(lambda snap: loop.call_soon_threadsafe(q.put_nowait, snap), finished_only)
         self.engine._core.submit(self.reqs)
         return q
 
