@@ -192,7 +192,6 @@ class Sampler:
         V = probs.shape[-1]
         total = probs.sum(dim=-1, keepdim=True)
         top_ks, top_ps = info.top_ks.view(-1, 1), info.top_ps.view(-1, 1)
-        out = torch.zeros_like(probs)
         # Sorting a whole vocabulary per row is most of a sampling step; the kept tokens are
         # almost always among the few hundred most likely. So rank only the top candidates,
         # and sort in full just the rows whose kept set reaches past them.
@@ -204,19 +203,15 @@ class Sampler:
             # top-p (greedy ones too: only their argmax is used) keep every token.
             untouched = ((top_ks >= V) & (top_ps >= 1.0)).view(-1)
             decided = drop[:, -1] | untouched
-            out.scatter_(-1, cand_idx, cand_p.masked_fill(drop, 0.0))
+            out = torch.zeros_like(probs).scatter_(-1, cand_idx, cand_p.masked_fill(drop, 0.0))
             out = torch.where(untouched.view(-1, 1), probs, out)
             rest = (~decided).nonzero().view(-1)  # a device sync, just before the step's own one
-            if rest.numel() == 0:
-                return out
-            sub = probs.index_select(0, rest)
-            sorted_p, order = sub.sort(dim=-1, descending=True)
-            drop = _dropped(sorted_p, top_ks[rest], top_ps[rest], total[rest], info.need_top_p)
-            out.index_copy_(0, rest, torch.zeros_like(sub).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0)))
+            if rest.numel():
+                kept = _sorted_truncate(probs.index_select(0, rest), top_ks[rest], top_ps[rest], total[rest],
+                                        info.need_top_p)
+                out.index_copy_(0, rest, kept)
             return out
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = _dropped(sorted_p, top_ks, top_ps, total, info.need_top_p)
-        return out.scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+        return _sorted_truncate(probs, top_ks, top_ps, total, info.need_top_p)
 
     @staticmethod
     def _uniforms(info: SamplingBatchInfo, device: torch.device) -> torch.Tensor:
@@ -248,6 +243,14 @@ def _dropped(sorted_p: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
         before = sorted_p.cumsum(dim=-1) - sorted_p
         drop |= before >= top_ps * total
     return drop
+
+
+def _sorted_truncate(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, total: torch.Tensor,
+                     need_top_p: bool) -> torch.Tensor:
+    """probs with the tokens top-k / top-p drop zeroed, ranking each row's whole vocabulary."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = _dropped(sorted_p, top_ks, top_ps, total, need_top_p)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
 
 
 def _unit(x: int) -> float:
