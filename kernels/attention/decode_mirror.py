@@ -51,6 +51,7 @@ class MirrorBucket:
     step: int = 0  # the step this plan is for
     gather_slots: torch.Tensor | None = None  # [G * cap]: build every layer from the pool
     keep_rows: torch.Tensor | None = None  # rows of the old buffers that continue (others finished)
+    append_rows: torch.Tensor | None = None  # [G]: 0..G-1, the rows receiving this step's K/V
     append_pos: torch.Tensor | None = None  # [G]: where this step's K/V goes in each row
 
 
@@ -130,6 +131,7 @@ class DecodeMirror:
             mb.keep_rows = torch.tensor(old_rows) if len(old_rows) < len(mb.lens) else None
             mb.gather_slots = None
             mb.lens = [seq_lens[b] for b in batch_rows]
+            mb.append_rows = torch.arange(len(batch_rows))  # once per step, not per layer
             mb.append_pos = torch.tensor(mb.lens) - 1
             planned.append((batch_rows, mb))
         if newcomers:
@@ -186,9 +188,8 @@ class DecodeMirror:
             kb, vb = mb.k[layer_id], mb.v[layer_id]
             if mb.keep_rows is not None:
                 kb, vb = kb.index_select(0, mb.keep_rows), vb.index_select(0, mb.keep_rows)
-            rows = torch.arange(kb.shape[0])
-            kb[rows, mb.append_pos] = k_new.to(kb.dtype)
-            vb[rows, mb.append_pos] = v_new.to(vb.dtype)
+            kb[mb.append_rows, mb.append_pos] = k_new.to(kb.dtype)
+            vb[mb.append_rows, mb.append_pos] = v_new.to(vb.dtype)
         mb.k[layer_id], mb.v[layer_id] = kb, vb
         mb.applied[layer_id] = mb.step
         return kb, vb

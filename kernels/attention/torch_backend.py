@@ -77,7 +77,7 @@ class TorchAttentionBackend:
         for e in batch.extend_lens:
             starts.append(starts[-1] + e)
         total = starts[-1]
-        seq_lens = [p + e for p, e in zip(batch.prefix_lens, batch.extend_lens)]
+        seq_lens = batch.seq_lens
         table = torch.as_tensor(
             batch.page_table_host if batch.page_table_host is not None else batch.page_table.cpu()
         ).long()
@@ -91,7 +91,8 @@ class TorchAttentionBackend:
                 return int(tab[b, pos // ps]) * ps + pos % ps
 
             mirrored = self.mirror.plan(
-                decode_buckets, seq_lens, slot_at, lambda rows, n: self._slot_table(table, rows, seq_lens, n),
+                decode_buckets, seq_lens, slot_at,
+                lambda rows, n: self._slot_table(table, rows, torch.tensor([seq_lens[b] for b in rows]), n),
                 written=lambda: batch.out_cache_loc.tolist(),
             )
         if mirrored is not None:
@@ -104,14 +105,13 @@ class TorchAttentionBackend:
         ]
         batch.attn_metadata = TorchAttentionMetadata(groups)
 
-    def _slot_table(self, table: torch.Tensor, rows: list[int], seq_lens, n: int) -> torch.Tensor:
-        """[len(rows), n] cache slots of each row's first n tokens; slot 0 (scratch) past its length."""
+    def _slot_table(self, table: torch.Tensor, rows: list[int], seq: torch.Tensor, n: int) -> torch.Tensor:
+        """[len(rows), n] cache slots of each row's first n tokens; slot 0 (scratch) past its length seq[i]."""
         page_size = self.kv_pool.page_size
         k_pos = torch.arange(n)
         pages = table[rows]  # [G, max_pages]
         page_idx = (k_pos // page_size).clamp(max=pages.shape[1] - 1)
         slots = pages[:, page_idx] * page_size + (k_pos % page_size)[None, :]
-        seq = torch.tensor([seq_lens[b] for b in rows])
         return torch.where(k_pos[None, :] < seq[:, None], slots, 0)
 
     def _plan_group(
@@ -138,9 +138,8 @@ class TorchAttentionBackend:
 
         k_pos = torch.arange(k_max)
         k_valid = k_pos[None, :] < seq[:, None]
-        seq_lens = {b: int(s) for b, s in zip(rows, seq)}
         # Mirrored decodes read their dense buffers, not the pool: no slots to gather.
-        kv_slots = None if mirror is not None else self._slot_table(table, rows, seq_lens, k_max).reshape(-1)
+        kv_slots = None if mirror is not None else self._slot_table(table, rows, seq, k_max).reshape(-1)
 
         if q_max == 1:
             # A decode's one query sits at the end and sees every key of its sequence.
