@@ -209,6 +209,8 @@ def main():
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--no-mixed-chunk", action="store_true",
                     help="Engine(enable_mixed_chunk=False): prefill-only or decode-only steps")
+    ap.add_argument("--admission-batch", type=int, default=None,
+                    help="Engine(admission_batch=N); 1 admits as soon as a slot frees (default: the engine's)")
     ap.add_argument("--breakdown", action="store_true",
                     help="per-step host vs device time (Engine(enable_step_timing=True)): print and save it")
     ap.add_argument("--json", default=None, help="append results (a JSON list) to this file")
@@ -235,10 +237,13 @@ def main():
         opts["attention_backend"] = args.backend
     if args.max_running_requests:
         opts["max_running_requests"] = args.max_running_requests
+    if args.admission_batch:
+        opts["admission_batch"] = args.admission_batch
     config = ",".join(
         [args.backend or "auto"] + (["no-graphs"] if args.disable_cuda_graph else [])
         + (["no-radix"] if args.disable_radix_cache else [])
         + (["no-mixed"] if args.no_mixed_chunk else [])
+        + ([f"admit{args.admission_batch}"] if args.admission_batch else [])
     )
     shape = ModelShape.from_config(cfg)
     results = []

@@ -39,6 +39,11 @@ class EngineConfig:
     # True: prefill chunks share steps with the running decodes. False (SGLang's default): a
     # step is prefill-only or decode-only, so every decode step can replay a CUDA graph.
     enable_mixed_chunk: bool = True
+    # While requests decode, admit waiting ones in groups of at least this many (free slots),
+    # so that prefill steps, which cannot replay a CUDA graph, are few and large; bounded by as
+    # many held steps (scheduler._admission_due). None: max_running_requests // 8 on CUDA, 1
+    # (admit as soon as a slot frees) on the CPU, where every step runs eagerly anyway.
+    admission_batch: int | None = None
     schedule_policy: str = "auto"  # "batch" for batch submissions, "fcfs" otherwise (see scheduler.py)
     schedule_conservativeness: float = 1.0  # scales the decode reserve at admission
     disable_radix_cache: bool = False
@@ -93,7 +98,7 @@ class EngineConfig:
         _check_int("chunked_prefill_size", self.chunked_prefill_size, low=1)
         _check_int("stream_interval", self.stream_interval, low=1)
         _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, low=1)
-        for name in ("max_total_tokens", "max_running_requests", "context_length"):
+        for name in ("max_total_tokens", "max_running_requests", "context_length", "admission_batch"):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, low=1)

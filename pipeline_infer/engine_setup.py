@@ -94,6 +94,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         conservativeness=cfg.schedule_conservativeness,
         prefix_cache=prefix_cache,
         mixed_chunk=cfg.enable_mixed_chunk,
+        admission_batch=cfg.admission_batch or (max(1, max_running // 8) if device.type == "cuda" else 1),
     )
     timer = None
     if cfg.enable_step_timing:

@@ -233,6 +233,7 @@ class Scheduler:
         conservativeness: float = 1.0,
         prefix_cache: PrefixCache | None = None,
         mixed_chunk: bool = True,
+        admission_batch: int = 1,
     ):
         if schedule_policy not in ("auto", "fcfs", "lpm", "batch"):
             raise ValueError(f"schedule_policy must be 'auto', 'fcfs', 'lpm' or 'batch', got {schedule_policy!r}")
@@ -243,6 +244,10 @@ class Scheduler:
         self.schedule_policy = schedule_policy
         self.prefix_cache = prefix_cache
         self.mixed_chunk = mixed_chunk
+        if not isinstance(admission_batch, int) or admission_batch < 1:
+            raise ValueError(f"admission_batch must be an int >= 1, got {admission_batch!r}")
+        self.admission_batch = admission_batch
+        self._held_admission_steps = 0  # steps admission waited for a batch (see _admission_due)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.init_new_token_ratio = min(1.0, 0.7 * conservativeness)
@@ -323,12 +328,37 @@ class Scheduler:
                 budget -= chunk.length
         # A step that had to retract is short of memory: admitting now would only invite the
         # next retraction (and could re-admit the request just retracted).
-        if budget > 0 and self.waiting and self.num_retractions == retractions:
+        if budget > 0 and self.waiting and self.num_retractions == retractions and self._admission_due(chunks):
             for req in self._admit(budget):
                 chunk = self._prefill_chunk(req, budget)
                 chunks.append(chunk)
                 budget -= chunk.length
         return chunks
+
+    def _admission_due(self, prefilling: list[ScheduledChunk]) -> bool:
+        """Whether this step may admit waiting requests (`admission_batch` > 1 batches them).
+
+        A step that prefills cannot replay a decode CUDA graph, and on a GPU such an eager step
+        costs a fixed ~10 ms of kernel launches whatever its size. Admitting each request as soon
+        as one slot frees makes one such step per finished request; holding admission until
+        `admission_batch` slots are free makes one step (or one chunked run) per batch of them.
+        No hold when nothing decodes (idle slots would be wasted), while a prefill runs anyway
+        (the step is eager already), when every waiting request fits in the free slots (the end
+        of a job, or a light load: no latency added), or after `admission_batch` held steps
+        (a bound on the added latency).
+        """
+        n = self.admission_batch
+        free = self.max_running_requests - len(self.running)
+        if n <= 1 or not self.running or prefilling or free >= n or free >= len(self.waiting):
+            self._held_admission_steps = 0
+            return True
+        if free <= 0:
+            return False  # nothing could be admitted anyway; not a held step
+        self._held_admission_steps += 1
+        if self._held_admission_steps > n:
+            self._held_admission_steps = 0
+            return True
+        return False
 
     def _batch(self, chunks: list[ScheduledChunk]) -> ScheduledBatch:
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)

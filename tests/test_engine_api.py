@@ -174,6 +174,10 @@ def test_unknown_engine_option_names_nearest():
         Engine(page_sise=16)
     with pytest.raises(ValueError, match="trust_remote_code"):
         Engine(trust_remote_code=True)
+    with pytest.raises(ValueError, match="admission_batch must be >= 1, got 0"):
+        Engine(admission_batch=0)
+    with pytest.raises(TypeError, match="admission_batch must be an int"):
+        Engine(admission_batch="8")
 
 
 def test_abandoned_stream_aborts_and_frees_pages():

@@ -704,3 +704,78 @@ def test_reserved_pages_matches_future_pages():
     for ratio in (0.0, 0.15, 0.37, 1.0):
         sched.new_token_ratio = ratio
         assert sched._reserved_pages() == sum(sched._future_pages(r) for r in sched.running)
+
+
+def _varied_requests(n: int, rng: random.Random) -> list[Request]:
+    reqs = []
+    for i in range(n):
+        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(2, 30))]
+        params = SamplingParams(max_new_tokens=rng.randint(1, 30), temperature=0.0, ignore_eos=True)
+        reqs.append(Request(rid=f"v{i}", prompt_ids=prompt, params=params, eos_token_ids=frozenset({EOS})))
+    return reqs
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_admission_batch_groups_admissions_and_bounds_the_hold(mixed):
+    # Requests finish at different steps; with admission_batch=4 a freed slot waits for three
+    # more (or for 4 held steps) before anyone is admitted, so admissions come in groups.
+    rng = random.Random(11)
+    alloc = PageAllocator(1 + 4096)
+    sched = Scheduler(alloc, 1, max_running_requests=8, chunked_prefill_size=1000, mixed_chunk=mixed, admission_batch=4)
+    runner = FakeRunner(1)
+    reqs = _varied_requests(60, rng)
+    for r in reqs:
+        sched.add(r)
+    admitted_per_step, held, max_held = [], 0, 0
+    while sched.has_work:
+        before = len(sched.waiting)
+        free_before = sched.max_running_requests - len(sched.running)
+        decoding = bool(sched.running)
+        batch = sched.schedule()
+        n = before - len(sched.waiting)
+        admitted_per_step.append(n)
+        if decoding and free_before > 0 and before > free_before:
+            # The hold: while requests decode and more wait than fit, admit in groups.
+            if n == 0:
+                held += 1
+                max_held = max(max_held, held)
+            else:
+                assert free_before >= 4 or held == 4, (free_before, held)
+                held = 0
+        sched.commit(batch, runner.run(batch))
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens), r.rid
+    assert max_held == 4, "the hold is bounded by admission_batch steps and was reached"
+    assert alloc.num_free == alloc.capacity
+    # Fewer admission steps than requests (the default admits one per freed slot).
+    assert sum(1 for n in admitted_per_step if n) < len(reqs) // 3
+
+
+def test_admission_batch_admits_at_once_when_idle_or_when_the_rest_fits():
+    rng = random.Random(5)
+    alloc = PageAllocator(1 + 4096)
+    sched = Scheduler(alloc, 1, max_running_requests=8, chunked_prefill_size=1000, admission_batch=8)
+    runner = FakeRunner(1)
+    first = _varied_requests(8, rng)
+    for r in first:
+        sched.add(r)
+    batch = sched.schedule()  # nothing runs yet: no hold
+    assert len(sched.running) == 8
+    sched.commit(batch, runner.run(batch))
+    # One late request while 8 run and none is free: it waits for a slot, then starts at once
+    # (it is the only one waiting, so holding would gain nothing).
+    late = _varied_requests(1, random.Random(99))[0]
+    sched.add(late)
+    while late.status.name == "WAITING":
+        free = sched.max_running_requests - len(sched.running)
+        batch = sched.schedule()
+        if free > 0:
+            assert late in sched.running, "a lone waiting request must not be held"
+        sched.commit(batch, runner.run(batch))
+    run_all(sched, runner)
+    assert late.output_ids == expected_output(late.prompt_ids, late.params.max_new_tokens)
+
+
+def test_admission_batch_must_be_positive():
+    with pytest.raises(ValueError, match="admission_batch"):
+        Scheduler(PageAllocator(10), 1, max_running_requests=2, chunked_prefill_size=8, admission_batch=0)
