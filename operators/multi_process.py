@@ -152,11 +152,12 @@ def _start(index: int, count: int, gpu: str | None, spec: dict[str, Any]) -> _Pr
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    else:
-        # CPU workers share the cores: without a cap each would start a thread per core.
-        threads = str(max(1, (os.cpu_count() or 1) // count))
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(name, threads)
+    # Workers share the cores: without a cap each would start a thread per core (torch's
+    # intra-op pool), and N pools of spinning threads slow every worker's host-side work,
+    # which on a GPU is the engine loop that feeds the device.
+    threads = str(max(1, (os.cpu_count() or 1) // count))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     read_fd, write_fd = os.pipe()
     payload = pickle.dumps({**spec, "shard": (index, count)})
