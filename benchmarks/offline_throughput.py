@@ -209,6 +209,8 @@ def main():
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--no-mixed-chunk", action="store_true",
                     help="Engine(enable_mixed_chunk=False): prefill-only or decode-only steps")
+    ap.add_argument("--disable-overlap-schedule", action="store_true",
+                    help="Engine(disable_overlap_schedule=True): collect each step's tokens before the next")
     ap.add_argument("--admission-batch", type=int, default=None,
                     help="Engine(admission_batch=N); 1 admits as soon as a slot frees (default: the engine's)")
     ap.add_argument("--breakdown", action="store_true",
@@ -239,11 +241,14 @@ def main():
         opts["max_running_requests"] = args.max_running_requests
     if args.admission_batch:
         opts["admission_batch"] = args.admission_batch
+    if args.disable_overlap_schedule:
+        opts["disable_overlap_schedule"] = True
     config = ",".join(
         [args.backend or "auto"] + (["no-graphs"] if args.disable_cuda_graph else [])
         + (["no-radix"] if args.disable_radix_cache else [])
         + (["no-mixed"] if args.no_mixed_chunk else [])
         + ([f"admit{args.admission_batch}"] if args.admission_batch else [])
+        + (["no-overlap"] if args.disable_overlap_schedule else [])
     )
     shape = ModelShape.from_config(cfg)
     results = []

@@ -48,6 +48,12 @@ class EngineConfig:
     schedule_conservativeness: float = 1.0  # scales the decode reserve at admission
     disable_radix_cache: bool = False
 
+    # Overlap schedule (SGLang's name): the host schedules and launches step N+1 while the device
+    # runs step N, which hides the host's per-step work. None: on for CUDA; off on the CPU, where
+    # the "device" is the host itself, so there is nothing to hide. Requests with penalties,
+    # min_new_tokens, a grammar, logprobs or hidden states run their steps in lockstep.
+    disable_overlap_schedule: bool | None = None
+
     # kernels and runner
     attention_backend: str | None = None  # None: the fastest available on the device
     disable_cuda_graph: bool = False
@@ -106,6 +112,10 @@ class EngineConfig:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
         if not (self.schedule_conservativeness > 0):
             raise ValueError(f"schedule_conservativeness must be > 0, got {self.schedule_conservativeness}")
+        if self.disable_overlap_schedule is not None and not isinstance(self.disable_overlap_schedule, bool):
+            raise TypeError(
+                f"disable_overlap_schedule must be True, False or None (on for CUDA), got {self.disable_overlap_schedule!r}"
+            )
         if self.random_seed is not None:
             _check_int("random_seed", self.random_seed, low=0)
 

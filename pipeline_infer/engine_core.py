@@ -26,13 +26,17 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner, timer=None):
+    def __init__(self, scheduler: Scheduler, runner, timer=None, overlap: bool = False):
         self.scheduler = scheduler
         self.runner = runner
         # step_timing.StepTimer or None (the default: then the loop below does no timing work).
         # The runner gets the same one for the build / device split inside run().
         self.timer = timer
         runner.timer = timer
+        # Overlap schedule: schedule and launch step N+1 before collecting step N's tokens, so
+        # the host's work for a step runs while the device computes the previous one.
+        self.overlap = overlap
+        self._sync_reqs: set[Request] = set()  # unfinished requests that need steps in lockstep
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self.num_steps = 0
@@ -63,9 +67,10 @@ class EngineCore:
 
     # --- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
+        inflight = None  # a launched step not yet committed (overlap schedule only)
         while True:
             # Block for messages only when there is nothing to run.
-            block = not self.scheduler.has_work
+            block = not self.scheduler.has_work and inflight is None
             if block:
                 self.runner.on_idle()
             if not self._drain(block):
@@ -73,35 +78,73 @@ class EngineCore:
             timer = self.timer
             if timer is not None:
                 timer.begin()
-            try:
-                batch = self.scheduler.schedule()
-            except Exception as exc:  # a scheduler bug: fail what is queued, keep serving
-                logger.error("scheduling failed: %s", traceback.format_exc())
-                self._fail_all(exc)
-                continue
-            if batch is None:
+            batch = None
+            if inflight is None or self._may_overlap():
+                try:
+                    batch = self.scheduler.schedule()
+                except Exception as exc:  # a scheduler bug: fail what is queued, keep serving
+                    logger.error("scheduling failed: %s", traceback.format_exc())
+                    if timer is not None:
+                        timer.abandon()
+                    if inflight is not None:
+                        self._commit(inflight)
+                        inflight = None
+                    self._fail_all(exc)
+                    continue
+            launched = None
+            if batch is not None:
+                if timer is not None:
+                    timer.scheduled(batch)
+                try:
+                    launched = self.runner.launch(batch)
+                except Exception as exc:  # a failed step fails its requests, not the engine
+                    logger.error("step failed: %s", traceback.format_exc())
+                    self._fail(batch, exc)
+            if launched is None and timer is not None:
+                timer.abandon()  # nothing launched (or it failed): no step to record
+            if inflight is not None:  # its tokens arrive while the step just launched runs
+                self._commit(inflight)
+                inflight = None
+            elif launched is not None and self.overlap and timer is not None:
+                timer.on_host(synced=False)  # nothing was collected in this iteration
+            if launched is not None:
+                self.num_steps += 1
+                if self.overlap:
+                    inflight = launched
+                else:
+                    self._commit(launched)
+                if timer is not None:
+                    timer.end()
+            elif batch is None and inflight is None and self.scheduler.has_work:
                 # Work is queued but none can run (e.g. waiting on pages): wait for a message
                 # briefly instead of spinning.
                 if not self._drain(True, timeout=0.005):
                     break
-                continue
-            if timer is not None:
-                timer.scheduled(batch)
-            try:
-                tokens = self.runner.run(batch)
-            except Exception as exc:  # a failed step fails its requests, not the engine
-                logger.error("step failed: %s", traceback.format_exc())
-                if timer is not None:
-                    timer.abandon()
-                self._fail(batch, exc)
-                continue
-            self.num_steps += 1
-            for req in self.scheduler.commit(batch, tokens):
-                self.num_generated_tokens += 1
-                self._emit(req)
-            if timer is not None:
-                timer.end()
+        if inflight is not None:
+            self._commit(inflight)
         self._shutdown_requests()
+
+    def _may_overlap(self) -> bool:
+        """Whether the next step may be scheduled while one is in flight (see Scheduler.overlap_safe)."""
+        if not self.overlap:
+            return False
+        if self._sync_reqs:
+            self._sync_reqs = {r for r in self._sync_reqs if not r.is_finished}
+            if self._sync_reqs:
+                return False
+        return self.scheduler.overlap_safe()
+
+    def _commit(self, launched) -> None:
+        """Wait for a launched step's tokens and apply them."""
+        try:
+            tokens = self.runner.collect(launched)
+        except Exception as exc:  # e.g. a device error surfacing at the sync
+            logger.error("step failed: %s", traceback.format_exc())
+            self._fail(launched.batch, exc)
+            return
+        for req in self.scheduler.commit(launched.batch, tokens):
+            self.num_generated_tokens += 1
+            self._emit(req)
 
     def _drain(self, block: bool, timeout: float | None = None) -> bool:
         """Handle queued messages; False once asked to stop."""
@@ -119,6 +162,8 @@ class EngineCore:
                         self._emit(req)
                     else:
                         self.scheduler.add(req)
+                        if req.needs_sync:
+                            self._sync_reqs.add(req)
             elif kind == "abort":
                 for rid in payload:
                     req = self.scheduler.abort(rid)

@@ -108,7 +108,8 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     # unfreezes so the model's own reference cycles can still be collected.
     gc.collect()
     gc.freeze()
-    core = EngineCore(scheduler, runner, timer)
+    overlap = not cfg.disable_overlap_schedule if cfg.disable_overlap_schedule is not None else device.type == "cuda"
+    core = EngineCore(scheduler, runner, timer, overlap=overlap)
     return EngineParts(
         tokenizer=tokenizer,
         hf_config=hf_config,

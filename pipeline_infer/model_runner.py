@@ -9,7 +9,8 @@ asked for logprobs or hidden states get them computed in the same step (step_ext
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
 from pipeline_infer.page_table import PageTableBuilder
+from pipeline_infer.request import PLACEHOLDER
 from pipeline_infer.sampler import Sampler, SamplingBatchInfo
 from pipeline_infer.step_extras import StepExtras
 from pipeline_infer.structured import fill_bitmask
@@ -27,6 +29,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CPU_KV_BUDGET_BYTES = 2 << 30  # the CPU has no memory gauge worth trusting; 2 GiB serves batch jobs
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are launched; ModelRunner.collect waits for its tokens."""
+
+    batch: "ScheduledBatch"
+    sampled: torch.Tensor | None  # [sampling rows] on the device; None when no chunk samples
+    host: torch.Tensor | None  # pinned copy of `sampled`, filled once `done` has passed (CUDA)
+    done: Any  # torch.cuda.Event recorded after the copy, or None
+    extras: StepExtras | None
+    hidden: torch.Tensor | None  # kept for extras only
+    logits: torch.Tensor | None
 
 
 class ModelRunner:
@@ -70,6 +85,7 @@ class ModelRunner:
         self.attn_backend = self._make_backend(attention_backend)
         self.sampler = Sampler()
         self.page_tables = PageTableBuilder()
+        self._prev_sampled: torch.Tensor | None = None  # the last launched step's samples (device)
         self.timer = None  # a step_timing.StepTimer when the engine was asked for step timing
         self.graph_runner = None
         if cuda_graph_max_bs > 0 and device.type == "cuda" and hasattr(self.attn_backend, "graph_decode_metadata"):
@@ -190,11 +206,19 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
+        fill_rows: list[int] = []  # rows whose token is the previous step's sample, still on the device
+        fill_from: list[int] = []  # ... and its row in that step's samples
+        num_sampling = 0
         for c in batch.chunks:
             req, start, length = c.req, c.start, c.length
             pages = req.pages
             if length == 1:
-                ids.append(req.token_ids[start])
+                token = req.token_ids[start]
+                if token == PLACEHOLDER:
+                    fill_rows.append(len(ids))
+                    fill_from.append(req.sample_row)
+                    token = 0
+                ids.append(token)
                 positions.append(start)
                 slots.append(pages[start // ps] * ps + start % ps)
             else:
@@ -207,10 +231,15 @@ class ModelRunner:
                 slots.extend((page_arr[p // ps] * ps + p % ps).tolist())
             if c.samples:
                 logits_rows.append(len(ids) - 1)
+                req.sample_row = num_sampling  # where the next step finds this token on the device
+                num_sampling += 1
         page_table = self.page_tables.build([c.req for c in batch.chunks])
         dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        if fill_rows:
+            input_ids = self._fill_in_flight(input_ids, fill_rows, fill_from)
         fb = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=input_ids,
             positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
             extend_lens=[c.length for c in batch.chunks],
             prefix_lens=[c.start for c in batch.chunks],
@@ -222,9 +251,30 @@ class ModelRunner:
         )
         return fb
 
+    def _fill_in_flight(self, input_ids: torch.Tensor, rows: list[int], sources: list[int]) -> torch.Tensor:
+        """Put the previous step's samples (on the device, not yet on the host) into input_ids."""
+        prev = self._prev_sampled
+        assert prev is not None, "a placeholder token without a step in flight"
+        n = len(rows)
+        if n == input_ids.shape[0] and n == prev.shape[0] and rows == sources == list(range(n)):
+            return prev  # the usual decode step: same requests, same order
+        dev = self.device
+        index = torch.tensor(rows + sources, dtype=torch.long).to(dev, non_blocking=True)
+        input_ids[index[:n]] = prev[index[n:]]
+        return input_ids
+
     @torch.inference_mode()
     def run(self, batch: "ScheduledBatch") -> list[int | None]:
         """Run one step; the sampled token for each chunk that samples, None for the others."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: "ScheduledBatch") -> "LaunchedStep":
+        """Build and launch one step (forward + sampling) without waiting for it: `collect` does.
+
+        On CUDA the sampled ids start their copy to the host at once, so collecting them waits
+        for this step alone, not for a step launched after it (the overlap schedule).
+        """
         timer = self.timer  # None unless step timing is on; its hooks only read clocks / record events
         fb = self.build_forward_batch(batch)
         sampling = [c for c in batch.chunks if c.samples]
@@ -244,10 +294,10 @@ class ModelRunner:
                 timer.built()
             hidden = self.model(fb)
             if not sampling and extras is None:
-                if timer is not None:  # no sync here: the device time is read after a later one
+                self._prev_sampled = None  # no placeholder can refer to this step
+                if timer is not None:
                     timer.launched()
-                    timer.on_host(synced=False)
-                return [None] * len(batch.chunks)
+                return LaunchedStep(batch, None, None, None, None, None, None)
             logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling else None
         if sampling:
             info = SamplingBatchInfo.build(
@@ -260,20 +310,43 @@ class ModelRunner:
                 eos_token_ids=self.eos_token_ids,
                 # Filled on the host while the device still runs the forward pass.
                 vocab_bitmask=fill_bitmask([c.req.grammar for c in sampling], logits.shape[-1]),
+                # The token sampled now sits at the end of token_ids (a placeholder; the one
+                # before it may be one too, still in flight): its index among the outputs.
+                steps=[c.req.num_tokens - 1 - c.req.prompt_len for c in sampling],
             )
             sampled = self.sampler(logits, info)
         else:
             sampled = torch.empty(0, dtype=torch.long, device=self.device)
+        self._prev_sampled = sampled
+        host = done = None
+        if extras is None and sampled.is_cuda:
+            host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            host.copy_(sampled, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
         if timer is not None:
             timer.launched()
-        if extras is None:
-            tokens = sampled.tolist()  # the step's one host synchronisation
-        else:  # the same one transfer, carrying the logprobs and hidden states too
-            tokens = extras.collect(self.model, hidden, logits, sampled)
+        return LaunchedStep(batch, sampled, host, done, extras, hidden, logits)
+
+    def collect(self, step: "LaunchedStep") -> list[int | None]:
+        """Wait for a launched step's samples: the token of each chunk that samples, None for the others."""
+        timer = self.timer
+        if step.sampled is None:  # nothing samples: nothing to wait for
+            if timer is not None:  # the device time is read after a later step's sync
+                timer.on_host(synced=False)
+            return [None] * len(step.batch.chunks)
+        if step.extras is not None:  # one transfer carrying the logprobs and hidden states too
+            with torch.inference_mode():
+                tokens = step.extras.collect(self.model, step.hidden, step.logits, step.sampled)
+        elif step.done is not None:
+            step.done.synchronize()  # the step's one host synchronisation
+            tokens = step.host.tolist()
+        else:
+            tokens = step.sampled.tolist()
         if timer is not None:
             timer.on_host()
         it = iter(tokens)
-        return [next(it) if c.samples else None for c in batch.chunks]
+        return [next(it) if c.samples else None for c in step.batch.chunks]
 
     def on_idle(self) -> None:
         """The engine has nothing to run: drop per-batch state kept from step to step."""

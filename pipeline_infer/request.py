@@ -1,9 +1,15 @@
 """Request: one sequence's state from submission to finish. Pure Python, no torch.
 
 Token bookkeeping: `token_ids` = prompt + generated tokens. `num_computed` of them have
-their K/V in the cache (in `pages`, page_size tokens a page). A step feeds
-token_ids[num_computed : num_computed + n] to the model; when that reaches the end of
-`token_ids`, the step's logits sample the next token.
+their K/V in the cache (in `pages`, page_size tokens a page), or are being computed by a step
+already launched. A step feeds token_ids[num_computed : num_computed + n] to the model; when
+that reaches the end of `token_ids`, the step's logits sample the next token. The scheduler
+appends a PLACEHOLDER for that token as soon as it schedules the step, and the step's commit
+fills it in (`fill_token`): with the overlap schedule the next step is scheduled before this
+one's token is known, and the model runner takes a placeholder's id from the previous step's
+samples on the device. Placeholders are only ever at the end of `token_ids` (at most two: the
+token of the step being committed and of the step launched after it) and never in
+`output_ids`; finishing drops them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline_infer.sampling_params import SamplingParams
+
+
+PLACEHOLDER = -1  # a sampled token not yet on the host (see the module docstring)
 
 
 class RequestStatus(enum.Enum):
@@ -72,6 +81,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache at admission
     prefix_node: Any = None  # radix node spelling pages[:num_shared_pages], locked while it runs
     num_retractions: int = 0
+    sample_row: int = -1  # row of this request's token in its last step's samples (model runner)
     queue_seq: int = -1  # submission order to the scheduler (kept across retractions): its age
     # Scheduler memos, so a step costs O(changes) rather than O(waiting queue): the prefix-cache
     # probe (max_prefix_len, first page, cached tokens, cache stamp) and the batch group key.
@@ -120,13 +130,27 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     # --- generation --------------------------------------------------------------
-    def append_token(self, token_id: int) -> None:
-        """Record a sampled token and decide whether the request is done."""
+    @property
+    def needs_sync(self) -> bool:
+        """Whether sampling its next token needs its previous one on the host first: penalties
+        and min_new_tokens count the generated tokens, a grammar must accept each token before
+        the next mask, logprobs / hidden states come back with the token (no overlap schedule)."""
+        p = self.params
+        return (
+            p.has_penalties or p.min_new_tokens > 0 or self.grammar is not None or self.extra_outputs is not None
+        )
+
+    def fill_token(self, position: int, token_id: int) -> None:
+        """Put the token sampled for `position` in place of its placeholder, record it as output
+        and decide whether the request is done."""
         p = self.params
         if p.max_new_tokens == 0:  # a prompt-only request (prompt logprobs, hidden states): done
             return self.finish(FinishReason("length", None))
+        assert position == self.prompt_len + len(self.output_ids) and self.token_ids[position] == PLACEHOLDER, (
+            f"{self.rid}: token for position {position} does not fill the first placeholder"
+        )
         self.output_ids.append(token_id)
-        self.token_ids.append(token_id)
+        self.token_ids[position] = token_id
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         grammar_ok = self.grammar is None or self.grammar.accept(token_id)
@@ -147,12 +171,14 @@ class Request:
         # withheld the match, and emitting past it would break the stream's contract.
         if self.detokenizer is not None and self.detokenizer.stopped is not None:
             return self.finish(FinishReason("stop", self.detokenizer.stopped))
-        if self.num_output >= p.max_new_tokens or self.num_tokens >= self.context_length:
+        if self.num_output >= p.max_new_tokens or position + 1 >= self.context_length:
             return self.finish(FinishReason("length", None))
 
     def finish(self, reason: FinishReason) -> None:
         if self.is_finished:
             return
+        # Tokens of steps still in flight are dropped with their placeholders.
+        del self.token_ids[self.prompt_len + len(self.output_ids) :]
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.finish_time = time.perf_counter()

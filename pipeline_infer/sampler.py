@@ -60,8 +60,11 @@ class SamplingBatchInfo:
         device: torch.device,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         vocab_bitmask: torch.Tensor | None = None,
+        steps: list[int] | None = None,
     ) -> "SamplingBatchInfo":
-        """vocab_bitmask: the host int32 bitmask of structured.fill_bitmask, or None."""
+        """vocab_bitmask: the host int32 bitmask of structured.fill_bitmask, or None. steps: each
+        row's index of the token being sampled (default: its output count; with the overlap
+        schedule a token still in flight counts too)."""
         B, V = len(params), vocab_size
         greedy = [p.is_greedy for p in params]
 
@@ -85,7 +88,7 @@ class SamplingBatchInfo:
             need_top_k=any(k < V for k, g in zip(top_ks, greedy) if not g),
             need_min_p=any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g),
             seeds=list(seeds),
-            steps=[len(o) for o in output_ids],
+            steps=steps if steps is not None else [len(o) for o in output_ids],
             **info_penalties,
             bias=_bias(params, output_ids, V, device, eos_token_ids),
             vocab_mask=_vocab_mask(vocab_bitmask, V, device),
@@ -139,7 +142,7 @@ def _bias(params, output_ids, V, device, eos_token_ids) -> torch.Tensor | None:
     for i, entries in rows:
         for tok, value in entries:
             bias[i, tok] += value
-    return bias.to(device)
+    return bias.to(device, non_blocking=True)  # pageable: staged at once, so no wait for the device
 
 
 def _vocab_mask(bitmask: torch.Tensor | None, V: int, device: torch.device) -> torch.Tensor | None:

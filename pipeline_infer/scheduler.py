@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline_infer.cache.kv_pool import PageAllocator
-from pipeline_infer.request import FinishReason, Request, RequestStatus
+from pipeline_infer.request import PLACEHOLDER, FinishReason, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ScheduledChunk:
 
     @property
     def is_decode(self) -> bool:
-        return self.length == 1 and self.start == self.req.num_tokens - 1
+        return not self.prefill
 
 
 @dataclass
@@ -308,7 +308,13 @@ class Scheduler:
             if chunks:
                 return self._batch(chunks)
         chunks: list[ScheduledChunk] = []
-        decodes = [r for r in self.running if r.num_computed == r.num_tokens - 1]
+        # A request whose token in flight is its last by length (overlap schedule) has nothing
+        # left to decode: it finishes when that step is committed.
+        decodes = [
+            r for r in self.running
+            if r.num_computed == r.num_tokens - 1
+            and r.num_tokens - r.prompt_len < r.params.max_new_tokens and r.num_tokens < r.context_length
+        ]
         decodes = self._ensure_decode_pages(decodes)
         for req in decodes:
             chunks.append(ScheduledChunk(req, req.num_computed, 1, True, prefill=False))
@@ -362,24 +368,49 @@ class Scheduler:
 
     def _batch(self, chunks: list[ScheduledChunk]) -> ScheduledBatch:
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
+        self._advance(chunks)
         return ScheduledBatch(chunks)
 
+    def _advance(self, chunks: list[ScheduledChunk]) -> None:
+        """Move the requests past the step just scheduled, before it runs.
+
+        The step's tokens count as computed (their K/V is written by the step, and every later
+        step runs after it on the device), and a sampling chunk appends a placeholder for its
+        token, filled in by `commit`. So the next step can be scheduled while this one is still
+        in flight (overlap schedule).
+        """
+        for chunk in chunks:
+            chunk.req.num_computed = chunk.start + chunk.length
+            if chunk.samples:
+                chunk.req.token_ids.append(PLACEHOLDER)
+
+    def overlap_safe(self) -> bool:
+        """Whether the next step may be scheduled before the step in flight is committed.
+
+        Only a retraction would need that step's token on the host first (a retracted request
+        re-queues its tokens); each decode takes at most one new page a step, so with as many
+        pages free (or evictable) as requests running, none can happen.
+        """
+        return self.allocator.num_free + self._evictable() >= len(self.running)
+
     def commit(self, batch: ScheduledBatch, next_tokens: list[int | None]) -> list[Request]:
-        """Apply a step's results; returns the requests that got a new token (finished ones included)."""
+        """Fill in a step's sampled tokens; returns the requests that got one (finished ones included)."""
         updated: list[Request] = []
         for chunk, token in zip(batch.chunks, next_tokens):
             req = chunk.req
-            if req.status is not RequestStatus.RUNNING:  # aborted while the step ran
+            if req.status is not RequestStatus.RUNNING:  # finished or aborted while the step ran
                 continue
-            req.num_computed = chunk.start + chunk.length
             if chunk.prefill:
+                # The prefix cache takes the computed whole pages once the step has run (with the
+                # overlap schedule num_computed may count a later step's chunk too: that one runs
+                # before any step that could read the pages, so they are as good as computed).
                 self._share_computed(req)
             if not chunk.samples:
                 continue
             if self._inflight is not None:
                 self._inflight.remove(req)  # prefill done (a no-op for decodes)
             assert token is not None
-            req.append_token(token)
+            req.fill_token(chunk.start + chunk.length, token)
             updated.append(req)
             if req.is_finished:
                 self.running.remove(req)

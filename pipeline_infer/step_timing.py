@@ -118,12 +118,18 @@ class StepTimer:
         self._events = []
 
     def _read_pending(self, wait: bool) -> None:
+        """Device times of the recorded steps; wait=False reads only those already finished (with
+        the overlap schedule a step's sync is for the step before it)."""
         dev = self.times["device"]
+        left = []
         for idx, start, end in self._pending:
             if wait:
                 end.synchronize()
+            elif not end.query():
+                left.append((idx, start, end))
+                continue
             dev[idx] = start.elapsed_time(end) / 1e3
-        self._pending.clear()
+        self._pending = left
 
     # --- results ---------------------------------------------------------------------
     @property

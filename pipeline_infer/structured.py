@@ -6,7 +6,7 @@
 - Each request gets its own `GrammarState` (an xgrammar GrammarMatcher): per step the runner asks
   it for the allowed-token bitmask (`fill_bitmask`, on the host, while the forward pass runs on
   the device); the sampler unpacks the batch's bitmask on the device and masks the logits
-  (`unpack_bitmask`); `Request.append_token` feeds it the sampled token.
+  (`unpack_bitmask`); `Request.fill_token` feeds it the sampled token.
 - JSON is compact by default (`", "` and `": "` between tokens, no other whitespace):
   `Engine(constrained_json_disable_any_whitespace=False)` allows any whitespace, SGLang's default,
   with which small models at temperature 1 often emit whitespace until max_new_tokens runs out

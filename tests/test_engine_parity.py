@@ -77,13 +77,13 @@ def test_unmixed_steps_match_hf(checkpoints, pool):
                 enable_mixed_chunk=False) as llm:
         kinds = []
         runner = llm._runner
-        run = runner.run
+        launch = runner.launch
 
         def spy(batch):
             kinds.append({c.prefill for c in batch.chunks})
-            return run(batch)
+            return launch(batch)
 
-        runner.run = spy
+        runner.launch = spy
         outs = llm.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS})
     assert [o["output_ids"] for o in outs] == expected
     assert kinds and all(len(k) == 1 for k in kinds)  # never prefill and decode in one step

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from pipeline_infer.cache.kv_pool import PageAllocator
-from pipeline_infer.request import Request
+from pipeline_infer.request import PLACEHOLDER, Request
 from pipeline_infer.sampling_params import SamplingParams
 from pipeline_infer.scheduler import Scheduler
 
@@ -60,8 +60,11 @@ class FakeRunner:
             if not c.samples:
                 out.append(None)
                 continue
-            seen = [self.slots.get(req.pages[p // ps] * ps + p % ps) for p in range(req.num_tokens)]
-            assert seen == req.token_ids, f"{req.rid}: the cache does not hold the sequence"
+            # The scheduler has appended a placeholder for the token this chunk samples.
+            end = c.start + c.length
+            assert req.token_ids[end:] == [PLACEHOLDER], f"{req.rid}: a sampling chunk must reach the end"
+            seen = [self.slots.get(req.pages[p // ps] * ps + p % ps) for p in range(end)]
+            assert seen == req.token_ids[:end], f"{req.rid}: the cache does not hold the sequence"
             out.append(next_token(seen))
         return out
 
@@ -381,6 +384,7 @@ def test_fcfs_admits_in_arrival_order_and_blocks_at_the_head():
     batch = sched.schedule()
     # hog fits; big does not fit next to it, and small must not overtake big.
     assert [c.req.rid for c in batch.chunks] == ["hog"]
+    sched.commit(batch, runner.run(batch))  # a scheduled step has moved its requests on: run it
     run_checked(sched, runner)
     assert big.output_ids == expected_output(big.prompt_ids, 5)
 
@@ -396,6 +400,7 @@ def test_batch_skips_what_does_not_fit_for_what_does():
         sched.add(r)
     batch = sched.schedule()
     assert [c.req.rid for c in batch.chunks] == ["hog", "small"]
+    sched.commit(batch, runner.run(batch))
     run_checked(sched, runner)
     for r in (hog, big, small):
         assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens)
@@ -454,6 +459,7 @@ def test_batch_packs_whole_prompts_before_chunking():
     batch = sched.schedule()
     # b would be chunked after a (40 of 60 tokens): c fits whole, then b gets the last 10.
     assert [(c.req.rid, c.length) for c in batch.chunks] == [("a", 60), ("c", 30), ("b", 10)]
+    sched.commit(batch, runner.run(batch))
     run_checked(sched, runner)
     assert all(r.output_ids == expected_output(r.prompt_ids, 8) for r in reqs)
 
@@ -494,8 +500,10 @@ def test_auto_tries_single_submissions_first_and_packs_batch_jobs():
         r.batch_job = True
         sched.add(r)
     sched.add(solo)
-    assert [c.req.rid for c in sched.schedule().chunks] == ["solo", "hog", "small"]
-    run_checked(sched, FakeRunner(1))
+    batch, runner = sched.schedule(), FakeRunner(1)
+    assert [c.req.rid for c in batch.chunks] == ["solo", "hog", "small"]
+    sched.commit(batch, runner.run(batch))
+    run_checked(sched, runner)
     for r in (hog, big, small, solo):
         assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens)
     # Single submissions are head-of-line among themselves: one that does not fit blocks the
@@ -505,8 +513,10 @@ def test_auto_tries_single_submissions_first_and_packs_batch_jobs():
     small.batch_job = True
     for r in (hog, big, small):
         sched.add(r)
-    assert [c.req.rid for c in sched.schedule().chunks] == ["hog"]
-    run_checked(sched, FakeRunner(1))
+    batch, runner = sched.schedule(), FakeRunner(1)
+    assert [c.req.rid for c in batch.chunks] == ["hog"]
+    sched.commit(batch, runner.run(batch))
+    run_checked(sched, runner)
     assert big.output_ids == expected_output(big.prompt_ids, 5)
 
 

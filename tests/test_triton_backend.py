@@ -166,8 +166,31 @@ def test_plan_builds_int32_metadata() -> None:
     md = batch.attn_metadata
     assert md.qo_indptr.tolist() == [0, 7, 10] and md.seq_lens.tolist() == [7, 43] and md.prefix_lens.tolist() == [0, 40]
     assert md.page_table.dtype == torch.int32 and md.max_extend_len == 7 and not md.is_decode
-    for t in (md.qo_indptr, md.seq_lens, md.prefix_lens):
+    # 4 q / 2 kv heads of 64: 32 tokens per extend block, so one block per sequence.
+    assert md.block_seq.tolist() == [0, 1] and md.block_start.tolist() == [0, 0]
+    for t in (md.qo_indptr, md.seq_lens, md.prefix_lens, md.block_seq, md.block_start):
         assert t.dtype == torch.int32
+    batch, _, _ = seqs.step([1, 1])
+    backend.plan(batch)
+    assert batch.attn_metadata.is_decode and batch.attn_metadata.block_seq is None
+
+
+def test_extend_work_list_with_several_blocks_and_empty_rows() -> None:
+    # Qwen2.5-0.5B's heads (14 q / 2 kv, 9 tokens per block): a 40-token extend spans 5 blocks,
+    # sequences adding nothing get none, and decode rows one each.
+    gen = torch.Generator().manual_seed(3)
+    pool = make_pool(16, 2, 64)
+    backend = TritonAttentionBackend(pool, 14, 2, 64, num_sms=16)
+    seqs = Sequences(pool, gen)
+    for prefix in (5, 0, 30, 12):
+        seqs.add_cached(prefix)
+    batch, k, v = seqs.step([0, 40, 1, 0])
+    backend.plan(batch)
+    md = batch.attn_metadata
+    assert md.block_seq.tolist() == [1] * 5 + [2] and md.block_start.tolist() == [0, 9, 18, 27, 36, 0]
+    q = seqs.rand(batch.num_tokens, 14, 64)
+    out = backend.forward(q, k, v, 1, batch, 64**-0.5)
+    torch.testing.assert_close(out, dense_reference(seqs, q, batch, 64**-0.5, 1), rtol=1e-4, atol=1e-4)
 
 
 def test_constructor_rejects_shapes_that_do_not_match_the_pool() -> None:

@@ -30,7 +30,7 @@ from pipeline_infer.kernels.triton.decode_attention import (  # noqa: E402
     choose_num_kv_splits,
     decode_attention,
 )
-from pipeline_infer.kernels.triton.extend_attention import extend_attention  # noqa: E402
+from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks  # noqa: E402
 from pipeline_infer.kernels.triton.launch import is_interpreted  # noqa: E402
 from pipeline_infer.kernels.triton.rms_norm import fused_add_rms_norm, rms_norm  # noqa: E402
 from pipeline_infer.kernels.triton.rotary import apply_rotary  # noqa: E402
@@ -169,17 +169,26 @@ def run_extend(
     seed: int, prefix_lens: list[int], extend_lens: list[int], num_kv_heads: int, group: int, head_dim: int,
     page_size: int, dtype: torch.dtype = torch.float32, device: str = DEVICE,
 ) -> float:
+    """The worse relative error of the two launches: with the host-built work list, and without (full grid)."""
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
     k_cache, v_cache, page_table = paged_cache(gen, seq_lens, page_size, num_kv_heads, head_dim, dtype, device)
-    q = rand(gen, sum(extend_lens), num_kv_heads * group, head_dim, dtype=dtype, device=device)
+    num_q_heads = num_kv_heads * group
+    q = rand(gen, sum(extend_lens), num_q_heads, head_dim, dtype=dtype, device=device)
     indptr = torch.tensor([0] + torch.tensor(extend_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     prefix = torch.tensor(prefix_lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
-    out = extend_attention(
-        q, k_cache, v_cache, indptr, prefix, page_table, max(extend_lens), scale, out=poisoned(q.shape, dtype, device)
-    )
-    return rel_err(out, ref.extend_attention_ref(q, k_cache, v_cache, indptr, prefix, page_table, scale))
+    expected = ref.extend_attention_ref(q, k_cache, v_cache, indptr, prefix, page_table, scale)
+    block_seq, block_start = extend_blocks(extend_lens, num_q_heads, num_kv_heads, head_dim)
+    errors = []
+    for work in ({}, dict(block_seq=block_seq, block_start=block_start)):
+        work = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in work.items()}
+        out = extend_attention(
+            q, k_cache, v_cache, indptr, prefix, page_table, max(extend_lens), scale,
+            out=poisoned(q.shape, dtype, device), **work,
+        )
+        errors.append(rel_err(out, expected))
+    return max(errors)
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
@@ -196,6 +205,54 @@ def test_extend_attention_matches_reference(head_dim: int, group: int, page_size
 def test_extend_attention_bf16_odd_head_dim_and_empty_extends() -> None:
     assert run_extend(5, [64, 3], [70, 40], 2, 4, 64, 16, dtype=torch.bfloat16) < 1e-2
     assert run_extend(6, [10, 5], [0, 13], 1, 3, 96, 4) < 1e-5
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("group", [1, 2, 7])
+def test_extend_attention_mixed_decode_and_prefill_batch(group: int, page_size: int) -> None:
+    # The mixed step the work list is for: decode rows (1 new token after a cached prefix) and
+    # two prefills, one several blocks long (9 tokens a block at group 7), one with a prefix.
+    prefix = [5, 17, 1, 33, 64, 2, 40, 9, 0, 12]
+    extend = [1] * 8 + [30, 11]
+    assert run_extend(group * 10 + page_size, prefix, extend, 2, group, 64, page_size) < 1e-5
+
+
+@pytest.mark.parametrize("group", [1, 7])
+def test_extend_attention_rows_without_new_tokens(group: int) -> None:
+    # Sequences adding no token get no block, first and last in the batch too.
+    assert run_extend(40 + group, [7, 0, 3, 50, 0, 20, 4], [0, 5, 0, 1, 19, 0, 0], 2, group, 64, 16) < 1e-5
+
+
+def test_extend_attention_leaves_rows_of_a_missing_block_unwritten() -> None:
+    # The NaN poison catches a block the work list forgot: only that block's rows stay NaN.
+    gen = torch.Generator().manual_seed(12)
+    k_cache, v_cache, page_table = paged_cache(gen, [3, 22], 16, 2, 64, torch.float32)
+    q = rand(gen, 21, 14, 64)
+    indptr = torch.tensor([0, 1, 21], dtype=torch.int32, device=DEVICE)
+    prefix = torch.tensor([2, 2], dtype=torch.int32, device=DEVICE)
+    block_seq, block_start = extend_blocks([1, 20], 14, 2, 64)
+    assert (block_seq, block_start) == ([0, 1, 1, 1], [0, 0, 9, 18])
+    keep = [0, 1, 3]  # drop sequence 1's block of tokens 9..17 (rows 10..18)
+    out = extend_attention(
+        q, k_cache, v_cache, indptr, prefix, page_table, 20, 64**-0.5, out=poisoned(q.shape, torch.float32),
+        block_seq=torch.tensor([block_seq[i] for i in keep], dtype=torch.int32, device=DEVICE),
+        block_start=torch.tensor([block_start[i] for i in keep], dtype=torch.int32, device=DEVICE),
+    )
+    nan_rows = torch.isnan(out).all(dim=(1, 2)).nonzero().flatten().tolist()
+    assert nan_rows == list(range(10, 19)) and torch.isfinite(out[:10]).all() and torch.isfinite(out[19:]).all()
+
+
+def test_extend_blocks_by_hand() -> None:
+    # 14 q / 2 kv heads, head_dim 64: BLOCK_M 64 rows of 7 heads -> 9 tokens a block.
+    assert extend_blocks([1, 0, 20, 9, 10], 14, 2, 64) == ([0, 2, 2, 2, 3, 4, 4], [0, 0, 9, 18, 0, 0, 9])
+    # 4 q / 2 kv heads, head_dim 64: 64 rows of 2 heads -> 32 tokens a block.
+    assert extend_blocks([65, 32, 1], 4, 2, 64) == ([0, 0, 0, 1, 2], [0, 32, 64, 0, 0])
+    # head_dim 256 halves BLOCK_M to 32: 32 tokens a block with one head per kv head.
+    assert extend_blocks([33], 2, 2, 256) == ([0, 0], [0, 32])
+    assert extend_blocks([], 4, 2, 64) == ([], [])
+    assert extend_blocks([0, 0], 4, 2, 64) == ([], [])
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        extend_blocks([3], 3, 2, 64)
 
 
 # ---------------------------------------------------------------- norm, rotary, activation
@@ -283,6 +340,14 @@ def test_bad_arguments_raise_clear_errors() -> None:
         silu_and_mul(torch.zeros(3, 5, device=DEVICE))
     with pytest.raises(ValueError, match="weight"):
         rms_norm(torch.zeros(3, 8, device=DEVICE), torch.ones(4, device=DEVICE), 1e-6)
+    indptr = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    work, kv = torch.zeros(2, dtype=torch.int32, device=DEVICE), cache[:, :, :2]
+    with pytest.raises(ValueError, match="block_seq and block_start"):
+        extend_attention(q, kv, kv, indptr, lens, table, 1, 1.0, block_seq=work)
+    with pytest.raises(TypeError, match="block_start"):
+        extend_attention(q, kv, kv, indptr, lens, table, 1, 1.0, block_seq=work, block_start=work.long())
+    with pytest.raises(ValueError, match="1-D"):
+        extend_attention(q, kv, kv, indptr, lens, table, 1, 1.0, block_seq=work, block_start=work[:1])
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="one device"):
             silu_and_mul(torch.zeros(3, 4), out=torch.zeros(3, 2, device="cuda"))

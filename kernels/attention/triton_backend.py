@@ -3,7 +3,9 @@
 `plan` turns the batch's host-side lists into the int32 tensors the kernels read, once per
 forward; `forward` (once per layer) then only launches kernels: store_kv, then the decode
 kernel when every sequence adds one token, else the extend kernel (which also serves mixed
-prefill + decode batches). Nothing in `forward` copies from the device to the host.
+prefill + decode batches). Nothing in `forward` copies from the device to the host. For
+extend batches `plan` also builds the extend kernel's work list (one entry per block of new
+tokens), so a mixed batch launches only the blocks that hold tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
 from pipeline_infer.kernels.triton.decode_attention import choose_num_kv_splits, decode_attention, device_num_sms
-from pipeline_infer.kernels.triton.extend_attention import extend_attention
+from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks
 from pipeline_infer.kernels.triton.store_kv import store_kv
 
 
@@ -28,6 +30,9 @@ class TritonAttentionMetadata:
     page_table: torch.Tensor  # [B, max_pages] int32, contiguous rows
     max_extend_len: int
     num_kv_splits: int  # decode only
+    # Extend only: the extend kernel's work list, one entry per block of new tokens (see extend_blocks).
+    block_seq: torch.Tensor | None = None  # [NB] int32: the block's sequence
+    block_start: torch.Tensor | None = None  # [NB] int32: its first new-token index in that sequence
 
 
 class TritonAttentionBackend:
@@ -61,6 +66,14 @@ class TritonAttentionBackend:
         if page_table.dtype != torch.int32 or page_table.device != device or page_table.stride(-1) != 1:
             page_table = page_table.to(device=device, dtype=torch.int32).contiguous()
         is_decode = batch.is_decode
+        block_seq = block_start = None
+        if not is_decode:
+            seq_of_block, start_of_block = extend_blocks(
+                batch.extend_lens, self.num_q_heads, self.num_kv_heads, self.head_dim
+            )
+            # One host-to-device copy for both arrays; the kernel gets two views of it.
+            work = _int32_tensor(seq_of_block + start_of_block, device)
+            block_seq, block_start = work[: len(seq_of_block)], work[len(seq_of_block) :]
         batch.attn_metadata = TritonAttentionMetadata(
             is_decode=is_decode,
             seq_lens=_int32_tensor(seq_lens, device),
@@ -73,6 +86,8 @@ class TritonAttentionBackend:
                 if is_decode
                 else 1
             ),
+            block_seq=block_seq,
+            block_start=block_start,
         )
 
     def graph_decode_metadata(
@@ -112,7 +127,8 @@ class TritonAttentionBackend:
         if md.is_decode:
             return decode_attention(q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits)
         return extend_attention(
-            q, k_cache, v_cache, md.qo_indptr, md.prefix_lens, md.page_table, md.max_extend_len, scale
+            q, k_cache, v_cache, md.qo_indptr, md.prefix_lens, md.page_table, md.max_extend_len, scale,
+            block_seq=md.block_seq, block_start=md.block_start,
         )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 # Pointer arguments by name: the element type they carry in the bf16 engine.
 _POINTER_TYPES = {
     "page_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qo_indptr_ptr": "*i32", "prefix_lens_ptr": "*i32",
+    "block_seq_ptr": "*i32", "block_start_ptr": "*i32",
     "loc_ptr": "*i64", "pos_ptr": "*i64", "lse_ptr": "*fp32", "part_ptr": "*fp32", "cos_sin_ptr": "*fp32",
 }
 _FLOAT_ARGS = {"sm_scale_log2", "eps"}

@@ -1,0 +1,154 @@
+"""The overlap schedule: step N+1 is scheduled and launched before step N's tokens are collected.
+
+On CUDA it is the default; here it is switched on for the CPU (disable_overlap_schedule=False),
+where the logic is the same: placeholders for tokens in flight, the next step's input ids
+taken from the previous step's samples, finished requests dropped from a step already
+launched, lockstep steps for requests that need their last token (penalties, grammars), and a
+fallback to lockstep when a retraction could happen. Outputs must equal HF (greedy) and the
+lockstep engine's (sampling with seeds, penalties, stop tokens, streaming).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipeline_infer import Engine
+from tiny_models import VOCAB, hf_greedy, make_tiny_model
+
+NEW_TOKENS = 24
+
+
+def _prompts(seed: int, n: int = 10, lo: int = 3, hi: int = 50) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return {f: make_tiny_model(str(tmp_path_factory.mktemp(f)), f) for f in ("llama", "qwen2")}
+
+
+class _InFlight:
+    """Counts launched-but-uncollected steps: proof that steps really overlapped."""
+
+    def __init__(self, runner):
+        self.now = self.max = self.overlapped = 0
+        launch, collect = runner.launch, runner.collect
+
+        def spy_launch(batch):
+            step = launch(batch)
+            self.now += 1
+            self.max = max(self.max, self.now)
+            self.overlapped += self.now > 1
+            return step
+
+        def spy_collect(step):
+            self.now -= 1
+            return collect(step)
+
+        runner.launch, runner.collect = spy_launch, spy_collect
+
+
+def _generate(directory, prompts, params, overlap: bool, **opts):
+    with Engine(directory, disable_overlap_schedule=not overlap, **opts) as llm:
+        spy = _InFlight(llm._runner)
+        outs = llm.generate(input_ids=prompts, sampling_params=params)
+        info = llm.get_server_info()
+    return outs, spy, info
+
+
+@pytest.mark.parametrize(
+    "family,opts",
+    [
+        ("llama", dict(page_size=1)),
+        ("qwen2", dict(page_size=4, chunked_prefill_size=40)),
+        ("llama", dict(page_size=4, chunked_prefill_size=40, enable_mixed_chunk=False)),
+        ("qwen2", dict(page_size=1, max_running_requests=4, admission_batch=2)),
+    ],
+)
+def test_greedy_matches_hf_with_overlap(checkpoints, family, opts):
+    directory, hf_model = checkpoints[family]
+    prompts = _prompts(len(str(opts)))
+    expected = [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
+    outs, spy, _ = _generate(directory, prompts, {"temperature": 0, "max_new_tokens": NEW_TOKENS}, True, **opts)
+    assert [o["output_ids"] for o in outs] == expected
+    assert spy.max == 2 and spy.overlapped > NEW_TOKENS // 2, "steps did not overlap"
+
+
+def test_tiny_pool_falls_back_to_lockstep_and_still_matches(checkpoints):
+    """A pool so small that decodes may need a retraction: those steps run in lockstep."""
+    directory, hf_model = checkpoints["llama"]
+    prompts = _prompts(5, n=10)
+    expected = [hf_greedy(hf_model, p, NEW_TOKENS) for p in prompts]
+    outs, spy, info = _generate(
+        directory, prompts, {"temperature": 0, "max_new_tokens": NEW_TOKENS}, True, max_total_tokens=160, page_size=4
+    )
+    assert [o["output_ids"] for o in outs] == expected
+    assert info["num_retractions"] > 0, "the pool was meant to force a retraction"
+    assert spy.overlapped > 0
+
+
+def test_seeded_sampling_is_the_same_with_and_without_overlap(checkpoints):
+    """A seeded row's draw depends on (seed, token index): the token in flight must count."""
+    directory, _ = checkpoints["qwen2"]
+    prompts = _prompts(8)
+    params = [{"temperature": 0.9, "top_p": 0.9, "top_k": 50, "max_new_tokens": NEW_TOKENS, "sampling_seed": 100 + i}
+              for i in range(len(prompts))]
+    on, spy, _ = _generate(directory, prompts, params, True, page_size=1)
+    off, _, _ = _generate(directory, prompts, params, False, page_size=1)
+    assert [o["output_ids"] for o in on] == [o["output_ids"] for o in off]
+    assert spy.overlapped > 0
+
+
+def test_stop_tokens_penalties_and_lengths_match_lockstep(checkpoints):
+    """Requests finishing at different steps (stop tokens, lengths) are dropped from the step
+    already launched; requests with penalties or min_new_tokens make their steps lockstep."""
+    directory, _ = checkpoints["llama"]
+    prompts = _prompts(9, n=12)
+    greedy, _, _ = _generate(directory, prompts, {"temperature": 0, "max_new_tokens": NEW_TOKENS}, False, page_size=1)
+    params = []
+    for i, o in enumerate(greedy):
+        p = {"temperature": 0, "max_new_tokens": 5 + 2 * i}
+        if i % 3 == 0:  # stop at a token the greedy run produces mid-way
+            p["stop_token_ids"] = [o["output_ids"][3 + i % 5]]
+        if i % 4 == 1:
+            p["repetition_penalty"] = 1.3
+        if i == 2:
+            p["min_new_tokens"] = 4
+        params.append(p)
+    on, spy, _ = _generate(directory, prompts, params, True, page_size=1)
+    off, _, _ = _generate(directory, prompts, params, False, page_size=1)
+    assert [o["output_ids"] for o in on] == [o["output_ids"] for o in off]
+    assert [o["meta_info"]["finish_reason"] for o in on] == [o["meta_info"]["finish_reason"] for o in off]
+    assert any(o["meta_info"]["finish_reason"]["type"] == "stop" for o in on)
+    # Penalised requests run in lockstep while they are in flight; once they finish, overlap resumes.
+    plain = [p for p in params if "repetition_penalty" not in p and "min_new_tokens" not in p]
+    on_plain, spy_plain, _ = _generate(directory, prompts[: len(plain)], plain, True, page_size=1)
+    assert spy_plain.overlapped > 0
+
+
+def test_streaming_and_abort_with_overlap(checkpoints):
+    directory, _ = checkpoints["qwen2"]
+    prompt = _prompts(3, n=1, lo=20, hi=20)[0]
+    params = {"temperature": 0, "max_new_tokens": 30, "ignore_eos": True}
+    with Engine(directory, page_size=4, disable_overlap_schedule=False) as llm:
+        free = llm.get_server_info()["num_free_pages"]
+        whole = llm.generate(input_ids=prompt, sampling_params=params)
+        streamed = []
+        for chunk in llm.generate(input_ids=prompt, sampling_params=params, stream=True):
+            streamed.append(chunk)
+        assert streamed[-1]["output_ids"] == whole["output_ids"]  # cumulative by default
+        gen = llm.generate(input_ids=prompt, sampling_params={**params, "max_new_tokens": 500}, stream=True)
+        next(gen)
+        gen.close()  # abort while a step is in flight
+        llm.flush_cache()
+        assert llm.get_server_info()["num_free_pages"] == free, "pages leaked"
+        again = llm.generate(input_ids=prompt, sampling_params=params)
+    assert again["output_ids"] == whole["output_ids"]
+
+
+def test_bad_option_type():
+    with pytest.raises(TypeError, match="disable_overlap_schedule"):
+        Engine(disable_overlap_schedule="yes")
