@@ -111,7 +111,8 @@ def engine_startup_s(model: str, options: dict) -> float:
     env = dict(os.environ)
     if "CUDA_VISIBLE_DEVICES" not in env:
         env["CUDA_VISIBLE_DEVICES"] = "0"
-    out = subprocess.run([sys.executable, "-c", code, model, json.dumps(options)], env=env, cwd=tempfile.gettempdir(),
+    out = subprocess.run([sys.executable, "-c", code, os.path.abspath(model), json.dumps(options)], env=env,
+                         cwd=tempfile.gettempdir(),
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

@@ -222,6 +222,12 @@ def _common(key: tuple[int, ...], ids: list[int], i: int, n: int) -> int:
     return lo
 
 
+def _known_computed(req: Request) -> int:
+    """Computed tokens whose ids are on the host: the prefix cache is keyed by ids, so a page
+    holding a placeholder (a token still in flight) must not enter it."""
+    return min(req.num_computed, req.prompt_len + req.num_output)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -400,21 +406,21 @@ class Scheduler:
             req = chunk.req
             if req.status is not RequestStatus.RUNNING:  # finished or aborted while the step ran
                 continue
+            if chunk.samples:
+                if self._inflight is not None:
+                    self._inflight.remove(req)  # prefill done (a no-op for decodes)
+                assert token is not None
+                req.fill_token(chunk.start + chunk.length, token)
+                updated.append(req)
+                if req.is_finished:
+                    self.running.remove(req)
+                    self._release(req, cache_kv=True)
+                    continue
             if chunk.prefill:
                 # The prefix cache takes the computed whole pages once the step has run (with the
                 # overlap schedule num_computed may count a later step's chunk too: that one runs
                 # before any step that could read the pages, so they are as good as computed).
                 self._share_computed(req)
-            if not chunk.samples:
-                continue
-            if self._inflight is not None:
-                self._inflight.remove(req)  # prefill done (a no-op for decodes)
-            assert token is not None
-            req.fill_token(chunk.start + chunk.length, token)
-            updated.append(req)
-            if req.is_finished:
-                self.running.remove(req)
-                self._release(req, cache_kv=True)
         return updated
 
     # --- admission -----------------------------------------------------------------
@@ -824,7 +830,7 @@ class Scheduler:
         """
         if self.prefix_cache is None:
             return
-        full = min(req.num_computed // self.page_size, len(req.pages))
+        full = min(_known_computed(req) // self.page_size, len(req.pages))
         if full <= req.num_shared_pages:
             return
         result = self.prefix_cache.insert(req.token_ids[: full * self.page_size], req.pages[:full])
@@ -854,7 +860,7 @@ class Scheduler:
         if self.prefix_cache is None or not cache_kv:
             self.allocator.free(pages[shared:])
             return
-        full = max(shared, min(req.num_computed // self.page_size, len(pages)))
+        full = max(shared, min(_known_computed(req) // self.page_size, len(pages)))
         result = self.prefix_cache.insert(req.token_ids[: full * self.page_size], pages[:full])
         # insert never reports the tree's own pages (pages[:shared]) as duplicates.
         self.allocator.free(result.duplicate_pages + pages[full:])

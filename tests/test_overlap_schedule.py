@@ -53,9 +53,14 @@ class _InFlight:
 
 def _generate(directory, prompts, params, overlap: bool, **opts):
     with Engine(directory, disable_overlap_schedule=not overlap, **opts) as llm:
+        free = llm.get_server_info()["num_free_pages"]
         spy = _InFlight(llm._runner)
         outs = llm.generate(input_ids=prompts, sampling_params=params)
         info = llm.get_server_info()
+        # Every page is free again once the prefix cache lets go of its pages: none was handed
+        # to the cache twice (a page keyed by a token still in flight) or leaked.
+        llm.flush_cache()
+        assert llm.get_server_info()["num_free_pages"] == free
     return outs, spy, info
 
 
