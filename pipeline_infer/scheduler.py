@@ -60,9 +60,10 @@ prompt, one prefills and the others reuse its pages one step later.
   (instead of every group's prefix competing for the pool), and with in-flight sharing one
   member of each uncached group prefills the prefix before its siblings follow. Then lengths
   are packed: requests whose uncached prompt fits whole in the step's remaining token budget
-  go first, and one that would need chunking only takes what budget is left; a request that
-  does not fit in memory is skipped (up to `_PACK_LOOKAHEAD` of them) for smaller ones behind
-  it instead of blocking the queue. The policy recommended for `generate` over a batch.
+  go first (looking up to `_PACK_LOOKAHEAD` requests past the first that does not), and one
+  that would need chunking only takes what budget is left; a request that does not fit in
+  memory is skipped (up to `_PACK_LOOKAHEAD` of them) for smaller ones behind it instead of
+  blocking the queue. The policy recommended for `generate` over a batch.
 - "auto" (the engine's default): "batch" for batch submissions, "fcfs" for the rest. A
   request is a batch submission (`Request.batch_job`) when one `generate` call submitted it
   with others (a list of prompts, or `n > 1`), as the dataflow operators do. Single
@@ -90,7 +91,7 @@ _RESERVE_CLIP_TOKENS = 4096
 _POLICY_WINDOW = 1024
 # batch: requests whose first tokens agree form a group.
 _GROUP_KEY_TOKENS = 64
-# batch: requests skipped for lack of memory before admission gives up for this step.
+# batch: requests skipped for lack of memory (or of step budget) before admission stops looking.
 _PACK_LOOKAHEAD = 64
 # A shared in-flight prefix shorter than this is not worth a step's wait (unless it is all the
 # waiting request would compute from whole pages, as for the samples of one short prompt).
@@ -443,6 +444,10 @@ class Scheduler:
             packed = self._is_batch_job(req)
             if packed and not req.num_retractions and req.num_tokens - self._cached_len(req, cached) > budget:
                 deferred.append(req)
+                # Looking for a prompt small enough for the budget left: at most as far as the
+                # memory lookahead, not the whole queue (an O(waiting) scan every admission step).
+                if len(deferred) > _PACK_LOOKAHEAD:
+                    break
                 continue
             ok, reserved = self._try_admit(req, reserved)
             if not ok:
