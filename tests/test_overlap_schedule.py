@@ -157,3 +157,27 @@ def test_streaming_and_abort_with_overlap(checkpoints):
 def test_bad_option_type():
     with pytest.raises(TypeError, match="disable_overlap_schedule"):
         Engine(disable_overlap_schedule="yes")
+
+
+def test_logprob_requests_run_in_lockstep_with_the_same_results(checkpoints):
+    """Logprob requests (their values come back with the token) next to plain ones."""
+    directory, _ = checkpoints["qwen2"]
+    prompts = _prompts(12, n=6)
+    wants = [i % 2 == 0 for i in range(len(prompts))]
+    results = []
+    for overlap in (True, False):
+        with Engine(directory, page_size=1, disable_overlap_schedule=not overlap) as llm:
+            outs = llm.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 12},
+                                return_logprob=wants, top_logprobs_num=3)
+            # Once the logprob requests are done, plain ones overlap again.
+            spy = _InFlight(llm._runner)
+            llm.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 12})
+            results.append((outs, spy.overlapped))
+    (on, on_overlapped), (off, _) = results
+    assert [o["output_ids"] for o in on] == [o["output_ids"] for o in off]
+    for a, b, want in zip(on, off, wants):
+        assert ("output_token_logprobs" in a["meta_info"]) == want
+        if want:
+            assert a["meta_info"]["output_token_logprobs"] == b["meta_info"]["output_token_logprobs"]
+            assert a["meta_info"]["output_top_logprobs"] == b["meta_info"]["output_top_logprobs"]
+    assert on_overlapped > 0
