@@ -58,6 +58,9 @@ class EngineConfig:
     attention_backend: str | None = None  # None: the fastest available on the device
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 256
+    # Also replay CUDA graphs for steps that prefill (extend_graph.py; Triton attention). Off
+    # until measured on a GPU against eager prefill steps.
+    enable_extend_cuda_graph: bool = False
 
     # outputs
     incremental_streaming_output: bool = False

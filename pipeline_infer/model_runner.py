@@ -60,6 +60,7 @@ class ModelRunner:
         cuda_graph_max_bs: int = 0,
         chunked_prefill_size: int = 8192,
         max_running_requests: int = 256,
+        extend_cuda_graph: bool = False,
     ):
         self.model = model
         self.hf_config = hf_config
@@ -93,6 +94,14 @@ class ModelRunner:
 
             context = min(max_context, self.capacity_tokens)
             self.graph_runner = CudaGraphRunner(self, cuda_graph_max_bs, context)
+        self.extend_graphs = None
+        if extend_cuda_graph and device.type == "cuda" and hasattr(self.attn_backend, "graph_extend_metadata"):
+            from pipeline_infer.extend_graph import ExtendGraphRunner
+
+            self.extend_graphs = ExtendGraphRunner(
+                self, chunked_prefill_size + max_running_requests, max_running_requests,
+                min(max_context, self.capacity_tokens),
+            )
         logger.info(
             "KV pool: %d pages of %d tokens (%d tokens), backend %s",
             num_pages, page_size, (num_pages - 1) * page_size, attention_backend,
@@ -289,10 +298,15 @@ class ModelRunner:
             if len(sampling) != fb.batch_size:  # a one-token prefill chunk that does not sample
                 logits = logits[fb.logits_indices]
         else:
-            self.attn_backend.plan(fb)
-            if timer is not None:
-                timer.built()
-            hidden = self.model(fb)
+            if extras is None and self.extend_graphs is not None and self.extend_graphs.can_run(fb):
+                if timer is not None:
+                    timer.built()
+                hidden = self.extend_graphs.replay(fb)  # a prefill or mixed batch
+            else:
+                self.attn_backend.plan(fb)
+                if timer is not None:
+                    timer.built()
+                hidden = self.model(fb)
             if not sampling and extras is None:
                 self._prev_sampled = None  # no placeholder can refer to this step
                 if timer is not None:
@@ -358,6 +372,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the model and the KV tensors so their memory can go back."""
         self.graph_runner = None  # graphs hold their own memory pool
+        self.extend_graphs = None
         self.model = None
         self.kv_pool = None
         self.attn_backend = None

@@ -81,6 +81,22 @@ def test_tiny_families_match_hf_on_gpu(checkpoints, family, backend, graphs, dty
     _check_against_hf(hf_model, prompts, [o["output_ids"] for o in outs], torch_dtype, tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.08), ("float32", 0.02)])
+def test_extend_graphs_match_hf(checkpoints, dtype, tol):
+    """enable_extend_cuda_graph: prefill and mixed steps replay captured graphs, same tokens as HF."""
+    directory, hf_model = checkpoints["qwen2"]
+    prompts = _prompts(17, n=24)
+    opts = dict(device="cuda", dtype=dtype, attention_backend="triton", enable_extend_cuda_graph=True,
+                chunked_prefill_size=256, max_running_requests=8)
+    with Engine(directory, page_size=16, cuda_graph_max_bs=8, **opts) as llm:
+        assert llm._runner.extend_graphs is not None and llm._runner.extend_graphs.graphs
+        outs = llm.generate(
+            input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+        )
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    _check_against_hf(hf_model, prompts, [o["output_ids"] for o in outs], torch_dtype, tol)
+
+
 def test_graph_batch_sizes_cover_padding(checkpoints):
     """Batch sizes between buckets (padding rows) give the same tokens as running alone."""
     directory, _ = checkpoints["qwen2"]

@@ -180,8 +180,13 @@ def run_extend(
     scale = head_dim**-0.5
     expected = ref.extend_attention_ref(q, k_cache, v_cache, indptr, prefix, page_table, scale)
     block_seq, block_start = extend_blocks(extend_lens, num_q_heads, num_kv_heads, head_dim)
+    # The CUDA-graph form: work-list buffers longer than the list (the tail never runs) and the
+    # used length on the device.
+    pad = 5
+    bounded = dict(block_seq=block_seq + [len(extend_lens) + 7] * pad, block_start=block_start + [10**6] * pad,
+                   num_blocks=[len(block_seq)])
     errors = []
-    for work in ({}, dict(block_seq=block_seq, block_start=block_start)):
+    for work in ({}, dict(block_seq=block_seq, block_start=block_start), bounded):
         work = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in work.items()}
         out = extend_attention(
             q, k_cache, v_cache, indptr, prefix, page_table, max(extend_lens), scale,
@@ -240,6 +245,27 @@ def test_extend_attention_leaves_rows_of_a_missing_block_unwritten() -> None:
     )
     nan_rows = torch.isnan(out).all(dim=(1, 2)).nonzero().flatten().tolist()
     assert nan_rows == list(range(10, 19)) and torch.isfinite(out[:10]).all() and torch.isfinite(out[19:]).all()
+
+
+def test_extend_attention_runs_only_num_blocks_entries() -> None:
+    # num_blocks = 3 of the 4 entries: the last block (sequence 1, tokens 18..19: rows 19..20) stays NaN.
+    gen = torch.Generator().manual_seed(13)
+    k_cache, v_cache, page_table = paged_cache(gen, [3, 22], 16, 2, 64, torch.float32)
+    q = rand(gen, 21, 14, 64)
+    indptr = torch.tensor([0, 1, 21], dtype=torch.int32, device=DEVICE)
+    prefix = torch.tensor([2, 2], dtype=torch.int32, device=DEVICE)
+    block_seq, block_start = extend_blocks([1, 20], 14, 2, 64)
+    out = extend_attention(
+        q, k_cache, v_cache, indptr, prefix, page_table, 20, 64**-0.5, out=poisoned(q.shape, torch.float32),
+        block_seq=torch.tensor(block_seq, dtype=torch.int32, device=DEVICE),
+        block_start=torch.tensor(block_start, dtype=torch.int32, device=DEVICE),
+        num_blocks=torch.tensor([3], dtype=torch.int32, device=DEVICE),
+    )
+    nan_rows = torch.isnan(out).all(dim=(1, 2)).nonzero().flatten().tolist()
+    assert nan_rows == [19, 20] and torch.isfinite(out[:19]).all()
+    with pytest.raises(ValueError, match="num_blocks"):
+        extend_attention(q, k_cache, v_cache, indptr, prefix, page_table, 20, 1.0,
+                         num_blocks=torch.tensor([3], dtype=torch.int32, device=DEVICE))
 
 
 def test_extend_blocks_by_hand() -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
 from pipeline_infer.kernels.triton.decode_attention import choose_num_kv_splits, decode_attention, device_num_sms
-from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks
+from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks, tokens_per_block
 from pipeline_infer.kernels.triton.store_kv import store_kv
 
 
@@ -33,6 +34,7 @@ class TritonAttentionMetadata:
     # Extend only: the extend kernel's work list, one entry per block of new tokens (see extend_blocks).
     block_seq: torch.Tensor | None = None  # [NB] int32: the block's sequence
     block_start: torch.Tensor | None = None  # [NB] int32: its first new-token index in that sequence
+    num_blocks: torch.Tensor | None = None  # [1] int32: entries in use (graph replay: buffers are longer)
 
 
 class TritonAttentionBackend:
@@ -128,8 +130,53 @@ class TritonAttentionBackend:
             return decode_attention(q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits)
         return extend_attention(
             q, k_cache, v_cache, md.qo_indptr, md.prefix_lens, md.page_table, md.max_extend_len, scale,
-            block_seq=md.block_seq, block_start=md.block_start,
+            block_seq=md.block_seq, block_start=md.block_start, num_blocks=md.num_blocks,
         )
+
+    # --- extend steps in CUDA graphs (pipeline_infer/extend_graph.py) -------------------------
+    def max_extend_blocks(self, max_tokens: int, max_seqs: int) -> int:
+        """Work-list entries a step of at most max_tokens new tokens over max_seqs sequences needs."""
+        return -(-max_tokens // tokens_per_block(self.num_q_heads, self.num_kv_heads, self.head_dim)) + max_seqs
+
+    @staticmethod
+    def extend_meta_size(max_seqs: int, max_blocks: int) -> int:
+        return (max_seqs + 1) + max_seqs + 2 * max_blocks + 1
+
+    def graph_extend_metadata(
+        self, meta: torch.Tensor, page_table: torch.Tensor, max_seqs: int, max_blocks: int, max_tokens: int
+    ) -> TritonAttentionMetadata:
+        """Extend metadata as views of one static int32 buffer (laid out by pack_extend_meta), for capture."""
+        qo_indptr, prefix_lens, block_seq, block_start, num_blocks = meta.split(
+            [max_seqs + 1, max_seqs, max_blocks, max_blocks, 1]
+        )
+        return TritonAttentionMetadata(
+            is_decode=False, seq_lens=prefix_lens, prefix_lens=prefix_lens, qo_indptr=qo_indptr,
+            page_table=page_table, max_extend_len=max_tokens, num_kv_splits=1,
+            block_seq=block_seq, block_start=block_start, num_blocks=num_blocks,
+        )
+
+    def pack_extend_meta(self, extend_lens: list[int], prefix_lens: list[int], max_seqs: int, max_blocks: int):
+        """The host values of graph_extend_metadata's buffer for one step (numpy int32).
+
+        Sequences past the batch are empty (their qo_indptr repeats the total); work-list entries
+        past the step's blocks are never run (num_blocks bounds them).
+        """
+        b = len(extend_lens)
+        seq, start = extend_blocks(extend_lens, self.num_q_heads, self.num_kv_heads, self.head_dim)
+        if b > max_seqs or len(seq) > max_blocks:
+            raise ValueError(f"step of {b} sequences / {len(seq)} blocks exceeds the graph's {max_seqs} / {max_blocks}")
+        out = np.zeros(self.extend_meta_size(max_seqs, max_blocks), dtype=np.int32)
+        indptr = np.cumsum(extend_lens, dtype=np.int64)
+        out[1 : b + 1] = indptr
+        out[b + 1 : max_seqs + 1] = indptr[-1] if b else 0
+        o = max_seqs + 1
+        out[o : o + b] = prefix_lens
+        o += max_seqs
+        out[o : o + len(seq)] = seq
+        o += max_blocks
+        out[o : o + len(start)] = start
+        out[-1] = len(seq)
+        return out
 
 
 def _int32_tensor(values: list[int], device: torch.device) -> torch.Tensor:

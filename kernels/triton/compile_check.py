@@ -16,7 +16,7 @@ from typing import Any
 # Pointer arguments by name: the element type they carry in the bf16 engine.
 _POINTER_TYPES = {
     "page_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qo_indptr_ptr": "*i32", "prefix_lens_ptr": "*i32",
-    "block_seq_ptr": "*i32", "block_start_ptr": "*i32",
+    "block_seq_ptr": "*i32", "block_start_ptr": "*i32", "num_blocks_ptr": "*i32",
     "loc_ptr": "*i64", "pos_ptr": "*i64", "lse_ptr": "*fp32", "part_ptr": "*fp32", "cos_sin_ptr": "*fp32",
 }
 _FLOAT_ARGS = {"sm_scale_log2", "eps"}
@@ -33,8 +33,10 @@ def _variants() -> list[tuple[Any, dict, str]]:
         (decode_attention._decode_split_kernel, dict(decode, WRITE_LSE=True, DOT_FP32=False), "bf16"),
         (decode_attention._decode_split_kernel, dict(decode, PAGE_SIZE=1, WRITE_LSE=False, DOT_FP32=True), "fp32"),
         (decode_attention._decode_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=8), "bf16"),
-        (extend_attention._extend_kernel, dict(extend, DOT_FP32=False), "bf16"),
-        (extend_attention._extend_kernel, dict(extend, PAGE_SIZE=1, GROUP=7, TOKENS_PER_BLOCK=9, DOT_FP32=True), "fp32"),
+        (extend_attention._extend_kernel, dict(extend, DOT_FP32=False, BOUNDED=False), "bf16"),
+        (extend_attention._extend_kernel, dict(extend, DOT_FP32=False, BOUNDED=True), "bf16"),
+        (extend_attention._extend_kernel, dict(extend, PAGE_SIZE=1, GROUP=7, TOKENS_PER_BLOCK=9, DOT_FP32=True,
+                                               BOUNDED=False), "fp32"),
         (rms_norm._rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096), "bf16"),
         (rms_norm._rms_norm_kernel, dict(HAS_RESIDUAL=False, BLOCK=1024), "fp16"),
         (rotary._rotary_kernel, dict(NUM_Q_HEADS=14, NUM_K_HEADS=2, HALF=32, PASS=0, BLOCK_H=16, BLOCK_HALF=32, BLOCK_PASS=1), "bf16"),

@@ -29,16 +29,20 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _extend_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qo_indptr_ptr, prefix_lens_ptr, page_table_ptr,
-    block_seq_ptr, block_start_ptr,
+    block_seq_ptr, block_start_ptr, num_blocks_ptr,
     sm_scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ko, stride_kh, stride_vp, stride_vo, stride_vh,
     stride_pt,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, TOKENS_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BOUNDED: tl.constexpr,
 ):
     blk = tl.program_id(0)
     kvh = tl.program_id(1)
+    if BOUNDED:  # a fixed grid (CUDA graph) over a work list whose used length is on the device
+        if blk >= tl.load(num_blocks_ptr):
+            return
     b = tl.load(block_seq_ptr + blk)
     tok0 = tl.load(block_start_ptr + blk)
     qo_start = tl.load(qo_indptr_ptr + b)
@@ -147,6 +151,7 @@ def extend_attention(
     out: torch.Tensor | None = None,
     block_seq: torch.Tensor | None = None,  # [NB] int32: the sequence of each block, from extend_blocks
     block_start: torch.Tensor | None = None,  # [NB] int32: the block's first new-token index in it
+    num_blocks: torch.Tensor | None = None,  # [1] int32 on the device: entries of the work list in use
 ) -> torch.Tensor:
     """Query i of sequence b sits at position prefix_lens[b] + i and attends keys 0..that position.
 
@@ -154,10 +159,15 @@ def extend_attention(
     copied to the device, launch one program per block that holds tokens. Without them every
     sequence gets blocks up to max_extend_len, most of them empty in a mixed batch.
 
+    num_blocks: only the first num_blocks[0] entries of the work list run, the grid still covering
+    all of it: a launch whose shape does not depend on the batch, for a CUDA graph that replays it
+    over static buffers.
+
     Returns `out` ([T, num_q_heads, head_dim], q's dtype), allocated when not given.
     """
     check_launchable(
-        _extend_kernel, q, k_cache, v_cache, qo_indptr, prefix_lens, page_table, out, block_seq, block_start
+        _extend_kernel, q, k_cache, v_cache, qo_indptr, prefix_lens, page_table, out, block_seq, block_start,
+        num_blocks,
     )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_dtype(name, t, FLOAT_DTYPES)
@@ -196,6 +206,8 @@ def extend_attention(
                 f"block_seq and block_start must be equal contiguous 1-D tensors; got {tuple(block_seq.shape)} "
                 f"and {tuple(block_start.shape)}"
             )
+    if num_blocks is not None and (block_seq is None or num_blocks.dtype != torch.int32 or num_blocks.numel() != 1):
+        raise ValueError("num_blocks must be a one-element int32 tensor, given with block_seq and block_start")
     if max_extend_len < 0:
         raise ValueError(f"max_extend_len must be >= 0, got {max_extend_len}")
     if out is None:
@@ -219,6 +231,7 @@ def extend_attention(
     grid = (block_seq.shape[0], num_kv_heads)
     _extend_kernel[grid](
         q, k_cache, v_cache, out, qo_indptr, prefix_lens, page_table, block_seq, block_start,
+        num_blocks if num_blocks is not None else block_seq,  # unread unless BOUNDED
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -227,6 +240,7 @@ def extend_attention(
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim, TOKENS_PER_BLOCK=block_tokens,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_extend_kernel),
+        BOUNDED=num_blocks is not None,
         num_warps=4, num_stages=2,
     )
     return out
