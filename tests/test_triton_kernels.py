@@ -228,44 +228,46 @@ def test_extend_attention_rows_without_new_tokens(group: int) -> None:
     assert run_extend(40 + group, [7, 0, 3, 50, 0, 20, 4], [0, 5, 0, 1, 19, 0, 0], 2, group, 64, 16) < 1e-5
 
 
-def test_extend_attention_leaves_rows_of_a_missing_block_unwritten() -> None:
-    # The NaN poison catches a block the work list forgot: only that block's rows stay NaN.
-    gen = torch.Generator().manual_seed(12)
+def _two_sequence_case(seed: int):
+    """A 1-token row and a 20-token extend (both after 2 cached tokens), 14/2 heads: 4 blocks of work."""
+    gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, page_table = paged_cache(gen, [3, 22], 16, 2, 64, torch.float32)
     q = rand(gen, 21, 14, 64)
     indptr = torch.tensor([0, 1, 21], dtype=torch.int32, device=DEVICE)
     prefix = torch.tensor([2, 2], dtype=torch.int32, device=DEVICE)
     block_seq, block_start = extend_blocks([1, 20], 14, 2, 64)
     assert (block_seq, block_start) == ([0, 1, 1, 1], [0, 0, 9, 18])
+    return (q, k_cache, v_cache, indptr, prefix, page_table), block_seq, block_start
+
+
+def _nan_rows(out: torch.Tensor) -> list[int]:
+    return torch.isnan(out).all(dim=(1, 2)).nonzero().flatten().tolist()
+
+
+def test_extend_attention_leaves_rows_of_a_missing_block_unwritten() -> None:
+    # The NaN poison catches a block the work list forgot: only that block's rows stay NaN.
+    args, block_seq, block_start = _two_sequence_case(12)
     keep = [0, 1, 3]  # drop sequence 1's block of tokens 9..17 (rows 10..18)
     out = extend_attention(
-        q, k_cache, v_cache, indptr, prefix, page_table, 20, 64**-0.5, out=poisoned(q.shape, torch.float32),
+        *args, 20, 64**-0.5, out=poisoned(args[0].shape, torch.float32),
         block_seq=torch.tensor([block_seq[i] for i in keep], dtype=torch.int32, device=DEVICE),
         block_start=torch.tensor([block_start[i] for i in keep], dtype=torch.int32, device=DEVICE),
     )
-    nan_rows = torch.isnan(out).all(dim=(1, 2)).nonzero().flatten().tolist()
-    assert nan_rows == list(range(10, 19)) and torch.isfinite(out[:10]).all() and torch.isfinite(out[19:]).all()
+    assert _nan_rows(out) == list(range(10, 19)) and torch.isfinite(out[:10]).all() and torch.isfinite(out[19:]).all()
 
 
 def test_extend_attention_runs_only_num_blocks_entries() -> None:
     # num_blocks = 3 of the 4 entries: the last block (sequence 1, tokens 18..19: rows 19..20) stays NaN.
-    gen = torch.Generator().manual_seed(13)
-    k_cache, v_cache, page_table = paged_cache(gen, [3, 22], 16, 2, 64, torch.float32)
-    q = rand(gen, 21, 14, 64)
-    indptr = torch.tensor([0, 1, 21], dtype=torch.int32, device=DEVICE)
-    prefix = torch.tensor([2, 2], dtype=torch.int32, device=DEVICE)
-    block_seq, block_start = extend_blocks([1, 20], 14, 2, 64)
+    args, block_seq, block_start = _two_sequence_case(13)
     out = extend_attention(
-        q, k_cache, v_cache, indptr, prefix, page_table, 20, 64**-0.5, out=poisoned(q.shape, torch.float32),
+        *args, 20, 64**-0.5, out=poisoned(args[0].shape, torch.float32),
         block_seq=torch.tensor(block_seq, dtype=torch.int32, device=DEVICE),
         block_start=torch.tensor(block_start, dtype=torch.int32, device=DEVICE),
         num_blocks=torch.tensor([3], dtype=torch.int32, device=DEVICE),
     )
-    nan_rows = torch.isnan(out).all(dim=(1, 2)).nonzero().flatten().tolist()
-    assert nan_rows == [19, 20] and torch.isfinite(out[:19]).all()
+    assert _nan_rows(out) == [19, 20] and torch.isfinite(out[:19]).all()
     with pytest.raises(ValueError, match="num_blocks"):
-        extend_attention(q, k_cache, v_cache, indptr, prefix, page_table, 20, 1.0,
-                         num_blocks=torch.tensor([3], dtype=torch.int32, device=DEVICE))
+        extend_attention(*args, 20, 1.0, num_blocks=torch.tensor([3], dtype=torch.int32, device=DEVICE))
 
 
 def test_extend_blocks_by_hand() -> None:
