@@ -14,7 +14,7 @@ Sampling stays outside the graph: it depends on per-request parameters.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -30,6 +30,34 @@ def batch_buckets(max_bs: int) -> list[int]:
     """1, 2, 4, 8, then every 16 up to max_bs (and max_bs itself)."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
     return sorted(set(sizes))
+
+
+def capture_graphs(
+    device: torch.device,
+    sizes: list[int],
+    make_batch: Callable[[int], ForwardBatch],
+    forward: Callable[[ForwardBatch], torch.Tensor],
+) -> Iterator[tuple[int, ForwardBatch, torch.cuda.CUDAGraph, torch.Tensor]]:
+    """Capture forward(make_batch(size)) for each size: (size, batch, graph, output) as each is done.
+
+    Largest first, so the later (smaller) graphs reuse the first one's memory pool. Each is run
+    twice on the capture stream before capture (compiles Triton kernels, settles the allocator).
+    Call under torch.inference_mode(); the device is synchronised once all are captured.
+    """
+    pool = None
+    stream = torch.cuda.Stream(device)
+    for size in sorted(sizes, reverse=True):
+        fb = make_batch(size)
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward(fb)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = forward(fb)
+        pool = graph.pool()
+        yield size, fb, graph, out
+    torch.cuda.synchronize(device)
 
 
 class CudaGraphRunner:
@@ -74,23 +102,13 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def _capture_all(self, max_context: int) -> None:
-        pool = None
-        stream = torch.cuda.Stream(self.device)
-        # Largest first: later (smaller) graphs reuse the first one's memory pool.
-        for bs in reversed(self.buckets):
-            fb = self._static_batch(bs, max_context)
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up: compile Triton kernels, settle allocator state
-                    self._forward(fb)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                logits = self._forward(fb)
-            pool = graph.pool()
+        def batches(bs: int) -> ForwardBatch:
+            return self._static_batch(bs, max_context)
+
+        for bs, fb, graph, logits in capture_graphs(self.device, self.buckets, batches, self._forward):
             self.graphs[bs] = graph
             self.logits[bs] = logits
             self.metadata[bs] = fb.attn_metadata
-        torch.cuda.synchronize(self.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.buckets)
 
     # --- replay ------------------------------------------------------------------------------

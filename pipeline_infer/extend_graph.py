@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline_infer.cuda_graph import capture_graphs
 from pipeline_infer.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
@@ -80,21 +81,10 @@ class ExtendGraphRunner:
     @torch.inference_mode()
     def _capture_all(self) -> None:
         # The buffers hold zeros: no work-list entry in use, every token to the scratch slot.
-        pool = None
-        stream = torch.cuda.Stream(self.device)
-        model = self.runner.model
-        for tokens in reversed(self.buckets):  # largest first: the others reuse its memory pool
-            fb = self.batches[tokens]
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm up: compile Triton kernels, settle allocator state
-                    model(fb)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.hidden[tokens] = model(fb)
-            pool = graph.pool()
+        captured = capture_graphs(self.device, self.buckets, self.batches.__getitem__, self.runner.model)
+        for tokens, _, graph, hidden in captured:
             self.graphs[tokens] = graph
-        torch.cuda.synchronize(self.device)
+            self.hidden[tokens] = hidden
         logger.info("captured %d extend CUDA graphs (token buckets %s)", len(self.graphs), self.buckets)
 
     def can_run(self, fb: ForwardBatch) -> bool:
