@@ -139,15 +139,20 @@ class TritonAttentionBackend:
         return -(-max_tokens // tokens_per_block(self.num_q_heads, self.num_kv_heads, self.head_dim)) + max_seqs
 
     @staticmethod
-    def extend_meta_size(max_seqs: int, max_blocks: int) -> int:
-        return (max_seqs + 1) + max_seqs + 2 * max_blocks + 1
+    def _extend_meta_sections(max_seqs: int, max_blocks: int) -> list[int]:
+        """Lengths of the static buffer's parts: qo_indptr, prefix_lens, block_seq, block_start, num_blocks."""
+        return [max_seqs + 1, max_seqs, max_blocks, max_blocks, 1]
+
+    @classmethod
+    def extend_meta_size(cls, max_seqs: int, max_blocks: int) -> int:
+        return sum(cls._extend_meta_sections(max_seqs, max_blocks))
 
     def graph_extend_metadata(
         self, meta: torch.Tensor, page_table: torch.Tensor, max_seqs: int, max_blocks: int, max_tokens: int
     ) -> TritonAttentionMetadata:
         """Extend metadata as views of one static int32 buffer (laid out by pack_extend_meta), for capture."""
         qo_indptr, prefix_lens, block_seq, block_start, num_blocks = meta.split(
-            [max_seqs + 1, max_seqs, max_blocks, max_blocks, 1]
+            self._extend_meta_sections(max_seqs, max_blocks)
         )
         return TritonAttentionMetadata(
             is_decode=False, seq_lens=prefix_lens, prefix_lens=prefix_lens, qo_indptr=qo_indptr,
@@ -165,17 +170,15 @@ class TritonAttentionBackend:
         seq, start = extend_blocks(extend_lens, self.num_q_heads, self.num_kv_heads, self.head_dim)
         if b > max_seqs or len(seq) > max_blocks:
             raise ValueError(f"step of {b} sequences / {len(seq)} blocks exceeds the graph's {max_seqs} / {max_blocks}")
-        out = np.zeros(self.extend_meta_size(max_seqs, max_blocks), dtype=np.int32)
-        indptr = np.cumsum(extend_lens, dtype=np.int64)
-        out[1 : b + 1] = indptr
-        out[b + 1 : max_seqs + 1] = indptr[-1] if b else 0
-        o = max_seqs + 1
-        out[o : o + b] = prefix_lens
-        o += max_seqs
-        out[o : o + len(seq)] = seq
-        o += max_blocks
-        out[o : o + len(start)] = start
-        out[-1] = len(seq)
+        sections = self._extend_meta_sections(max_seqs, max_blocks)
+        out = np.zeros(sum(sections), dtype=np.int32)
+        qo_indptr, prefixes, block_seq, block_start, num_blocks = np.split(out, np.cumsum(sections)[:-1])  # views
+        qo_indptr[1 : b + 1] = np.cumsum(extend_lens, dtype=np.int64)
+        qo_indptr[b + 1 :] = qo_indptr[b]
+        prefixes[:b] = prefix_lens
+        block_seq[: len(seq)] = seq
+        block_start[: len(start)] = start
+        num_blocks[0] = len(seq)
         return out
 
 
