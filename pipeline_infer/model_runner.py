@@ -36,12 +36,12 @@ class LaunchedStep:
     """A step whose forward and sampling are launched; ModelRunner.collect waits for its tokens."""
 
     batch: "ScheduledBatch"
-    sampled: torch.Tensor | None  # [sampling rows] on the device; None when no chunk samples
-    host: torch.Tensor | None  # pinned copy of `sampled`, filled once `done` has passed (CUDA)
-    done: Any  # torch.cuda.Event recorded after the copy, or None
-    extras: StepExtras | None
-    hidden: torch.Tensor | None  # kept for extras only
-    logits: torch.Tensor | None
+    sampled: torch.Tensor | None = None  # [sampling rows] on the device; None when no chunk samples
+    host: torch.Tensor | None = None  # pinned copy of `sampled`, filled once `done` has passed (CUDA)
+    done: Any = None  # torch.cuda.Event recorded after the copy, or None
+    extras: StepExtras | None = None
+    hidden: torch.Tensor | None = None  # kept for extras only
+    logits: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -311,7 +311,7 @@ class ModelRunner:
                 self._prev_sampled = None  # no placeholder can refer to this step
                 if timer is not None:
                     timer.launched()
-                return LaunchedStep(batch, None, None, None, None, None, None)
+                return LaunchedStep(batch)  # nothing samples: nothing to wait for
             logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling else None
         if sampling:
             info = SamplingBatchInfo.build(
