@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -83,13 +84,17 @@ def run_job(
     progress: bool | Any = True,
     num_gpus: int | None = 1,
     shard: tuple[int, int] | None = None,
+    claims: str | None = None,
 ) -> JobResult:
     """Run `op` (a GenerateOp) over files; see the module docstring. Returns what it did.
 
     num_gpus: engine processes, one per GPU (None: every visible GPU; on a machine without
-    GPUs, N > 1 runs N CPU processes); see multi_process.py. shard=(i, n): write only every
-    n-th part from i on (what each of those processes does). progress: a bar, or an object
-    with the bar's skip/done/close to report to.
+    GPUs, N > 1 runs N CPU processes); see multi_process.py. Those processes share the parts
+    dynamically: claims is a local folder shared by the processes of one job, and each writes
+    the parts it claims there first (see PartClaims), so a faster process writes more parts.
+    shard=(i, n) without claims: write only every n-th part from i on, a static split for
+    callers that run the shards themselves. progress: a bar, or an object with the bar's
+    skip/done/close to report to.
     """
     for name, value in (("batch_size", batch_size), ("window", window), ("rows_per_part", rows_per_part)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -98,8 +103,9 @@ def run_job(
         raise ValueError(f"limit must be an int >= 0 or None, got {limit!r}")
     if not isinstance(output, str) or not output:
         raise ValueError(f"output must be a folder path or URL, got {output!r}")
+    worker = shard is not None or claims is not None  # one process of a multi-process job
     workers, gpus = 1, []
-    if (num_gpus != 1 or isinstance(num_gpus, bool)) and shard is None:
+    if (num_gpus != 1 or isinstance(num_gpus, bool)) and not worker:
         from pipeline_infer.operators.multi_process import num_workers
 
         workers, gpus = num_workers(num_gpus)
@@ -113,9 +119,10 @@ def run_job(
         raise ValueError(f"input {input!r} has no files outside the output folder {output!r}")
     out_fs.makedirs(out_dir, exist_ok=True)
     # A multi-process job's worker must not delete its siblings' temp files: its coordinator did this.
-    if shard is None and fio.remove_stale_temps(out_fs, out_dir):
+    if not worker and fio.remove_stale_temps(out_fs, out_dir):
         logger.info("removed temp files left by an interrupted run in %s", output)
-    job = _Job(op, inputs, out_fs, out_dir, rows_per_part, batch_size, resume, limit, shard)
+    job = _Job(op, inputs, out_fs, out_dir, rows_per_part, batch_size, resume, limit, shard,
+               PartClaims(claims) if claims is not None else None)
     if workers > 1:
         from pipeline_infer.operators.multi_process import run_workers
 
@@ -148,8 +155,30 @@ def run_job(
     return result
 
 
+class PartClaims:
+    """Which process of a multi-process job writes which part: the first one to claim it.
+
+    A claim is an empty file named after the part's ordinal, created with O_CREAT | O_EXCL.
+    That create is atomic on a local filesystem, and all the job's workers run on one host
+    with the folder on its local disk, so exactly one claimer gets each part, with no lock,
+    no server and no round trip to the coordinator (which makes the folder and removes it).
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def claim(self, ordinal: int) -> bool:
+        """True for the one caller that gets part `ordinal`; False when another already has it."""
+        try:
+            fd = os.open(os.path.join(self.folder, str(ordinal)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
+
 class _Job:
-    def __init__(self, op, inputs, out_fs, out_dir, rows_per_part, batch_size, resume, limit, shard=None):
+    def __init__(self, op, inputs, out_fs, out_dir, rows_per_part, batch_size, resume, limit, shard=None, claims=None):
         self.op = op
         self.inputs = inputs
         self.fs = out_fs
@@ -162,12 +191,23 @@ class _Job:
         self.existing = fio.list_parts(out_fs, out_dir)
         self._meta_cache: dict[str, dict | None] = {}
         self.shard = shard
+        self.claims: PartClaims | None = claims
         self._parts_seen = 0  # every part of every file, in order: numbers the parts for the shards
 
     def _take_next(self) -> bool:
-        """Whether the next part in single-process order is this process's to write."""
+        """Whether the next part in single-process order is this process's to write.
+
+        With claims, the part is claimed now, as the item generator reaches it. That is lazy:
+        run_window pulls items only while fewer than `window` batches are in flight (markers
+        do not count), so a worker holds at most about window + 1 claimed, unwritten parts,
+        and the parts left at the end go to whichever worker gets there first. Parts an
+        earlier run finished are claimed too: a claim is cheap, and it makes exactly one
+        worker count the part as skipped and, for a file's last part, remove leftovers.
+        """
         ordinal = self._parts_seen
         self._parts_seen += 1
+        if self.claims is not None:
+            return self.claims.claim(ordinal)
         return self.shard is None or ordinal % self.shard[1] == self.shard[0]
 
     # --- what is already done ------------------------------------------------------------

@@ -6,18 +6,25 @@ The calling process is the coordinator: it checks the arguments, finds the input
 clears temp files a killed run left (once, before any worker starts), then starts one worker
 process per device, each with CUDA_VISIBLE_DEVICES pinned to its GPU (on a machine without GPUs,
 N plain CPU processes, their torch threads split between them). Every worker runs the ordinary
-file job over the same inputs but writes only its share of the parts: the parts are numbered in
-the order a single process would write them (file by file, part by part) and worker i takes
-every N-th, starting at i. So the shares are disjoint and cover the input, and the output is the
-one a single process writes: the same part names, rows, footer keys and row seeds. Resume is the
-single-process job's, part by part: a rerun with any number of workers, one included, skips the
-parts any earlier run finished.
+file job over the same inputs but writes only the parts it claims: the parts are numbered in the
+order a single process would write them (file by file, part by part), and a worker claims part k
+when its job reaches it, by creating the file `k` in a claims folder the coordinator made for
+this job on the local disk (job.PartClaims; removed when the job ends). The create is atomic, so
+each part has exactly one worker, and the shares are disjoint and cover the input: the output is
+the one a single process writes, with the same part names, rows, footer keys and row seeds. Parts
+an earlier run finished are claimed too, so each is counted as skipped by one worker, and the
+summed JobResult is the one a single process reports. Resume is the single-process job's, part by
+part: a rerun with any number of workers, one included, skips the parts any earlier run finished.
 
 A worker that fails stops the job: the others are stopped too (their finished parts stay, their
 parts in flight are lost, as in a killed single-process job) and the error is raised here. A
 worker whose coordinator dies exits by itself. Progress comes back to one bar in the coordinator.
 
-Balance: work is split by part, so use at least a few parts per worker (`rows_per_part`).
+Balance: a worker claims a part only when its runner pulls the part's first batch, so it holds
+at most about `window` + 1 claimed parts it has not written; a faster GPU takes more parts, and
+the workers run out of work at about the same time. The unit is still the part: use at least a
+few parts per worker (`rows_per_part`), small enough that the last ones do not keep one GPU busy
+long after the others.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ import logging
 import os
 import pickle
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -100,16 +109,23 @@ def run_workers(
     device = str(op.config["engine_options"].get("device", "auto"))
     if device.startswith("cuda:") and device != "cuda:0":
         raise ValueError(f"engine option device={device!r} pins one GPU, but each worker has its own: use 'cuda' or 'auto'")
-    spec = {"op": op.config, "input": input, "output": output, "kwargs": job_kwargs}
-    procs = [_start(i, workers, gpus[i] if gpus else None, spec) for i in range(workers)]
-    bar = JobProgress(total_rows, enabled=progress)
+    # Local disk, fresh per job: claims from another run must not hide parts from this one.
+    claims = tempfile.mkdtemp(prefix="pipeline-infer-claims-")
+    spec = {"op": op.config, "input": input, "output": output, "kwargs": job_kwargs, "claims": claims}
+    procs: list[_Proc] = []
+    bar = None
     results: list[Any] = [None] * workers
     failure: tuple[int, dict[str, Any] | None, int] | None = None
     try:
+        for i in range(workers):
+            procs.append(_start(i, workers, gpus[i] if gpus else None, spec))
+        bar = JobProgress(total_rows, enabled=progress)
         failure = _collect(procs, bar, results)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         _stop(procs)  # on failure or interrupt: none may go on writing parts behind our back
+        shutil.rmtree(claims, ignore_errors=True)  # after _stop: no worker claims any more
     if failure is not None:
         index, error, code = failure
         where = f"worker {index}" + (f" (GPU {gpus[index]})" if gpus else "")
@@ -118,7 +134,15 @@ def run_workers(
                 error["message"] if error["type"] in _USER_ERRORS else f"{where} failed: {error['type']}: {error['message']}"
             )
         raise RuntimeError(f"{where} exited with code {code} before finishing; rerun to resume (finished parts are kept)")
-    merged = MultiJobResult(output=output, workers=[JobResult(**r) for r in results])
+    merged = merge_results(output, [JobResult(**r) for r in results])
+    merged.seconds = time.perf_counter() - started
+    return merged
+
+
+def merge_results(output: str, results: list[JobResult]) -> MultiJobResult:
+    """The workers' results as one: part lists joined and sorted, counts summed. Each part was
+    claimed by one worker, which alone counted it, so this is what a single process reports."""
+    merged = MultiJobResult(output=output, workers=list(results))
     for f in fields(JobResult):
         values = [getattr(r, f.name) for r in merged.workers]
         if f.name in ("output", "seconds") or not values:
@@ -127,7 +151,6 @@ def run_workers(
             setattr(merged, f.name, sorted(name for v in values for name in v))
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):  # counts
             setattr(merged, f.name, sum(values))
-    merged.seconds = time.perf_counter() - started
     return merged
 
 
@@ -280,7 +303,8 @@ def _worker_main(fd: int, parent: int) -> int:
 
     try:
         op = GenerateOp(**spec["op"])
-        result = run_job(op, spec["input"], spec["output"], progress=reporter, shard=tuple(spec["shard"]), **spec["kwargs"])
+        result = run_job(op, spec["input"], spec["output"], progress=reporter, shard=tuple(spec["shard"]),
+                         claims=spec["claims"], **spec["kwargs"])
     except BaseException as e:
         reporter.send({"error": {"type": type(e).__name__, "message": str(e)}})
         if type(e).__name__ in _USER_ERRORS:
