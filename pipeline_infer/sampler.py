@@ -153,8 +153,18 @@ def _vocab_mask(bitmask: torch.Tensor | None, V: int, device: torch.device) -> t
     return unpack_bitmask(bitmask.to(device, non_blocking=True), V)
 
 
+def _adjusts(info: SamplingBatchInfo) -> bool:
+    """Whether adjust_logits would change anything for this batch."""
+    return info.output_counts is not None or info.bias is not None or info.vocab_mask is not None
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        if info.all_greedy and not _adjusts(info):
+            # Argmax in the logits' own dtype: the same token as in fp32 (widening keeps the
+            # order, ties go to the first index either way), without writing an fp32 copy of
+            # [batch, vocab] (155 MB a step at 256 x 151,936) and reading it back.
+            return logits.argmax(dim=-1)
         logits = self.adjust_logits(logits.float(), info)
         if info.all_greedy:
             return logits.argmax(dim=-1)

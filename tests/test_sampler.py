@@ -46,6 +46,19 @@ def test_greedy_is_argmax_and_top_k_1_is_greedy():
     assert torch.equal(Sampler()(logits, _info([_sp(temperature=1.3, top_k=1)] * 7)), logits.argmax(-1))
 
 
+def test_greedy_on_bf16_logits_equals_fp32_argmax_with_ties_and_adjustments():
+    """Plain greedy takes argmax in bf16 (no fp32 copy); ties and adjusted rows must still agree."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0, 0.5, 3.0], [0.25, 0.25, 0.0, 0.0, 0.0, 0.25]]).to(torch.bfloat16)
+    logits = torch.cat([logits, torch.randn(30, V).to(torch.bfloat16)])
+    greedy = _info([_sp(temperature=0)] * len(logits))
+    out = Sampler()(logits, greedy)
+    assert torch.equal(out, logits.float().argmax(-1))
+    assert out[:2].tolist() == [1, 0]  # first of the tied maxima
+    # A bias makes the sampler adjust in fp32: the bias must still apply.
+    biased = _info([_sp(temperature=0, logit_bias={"4": 100.0})] * len(logits))
+    assert Sampler()(logits, biased).tolist() == [4] * len(logits)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 def test_temperature_sampling_matches_softmax(temperature):
     freq = _frequencies(LOGITS, temperature=temperature)
