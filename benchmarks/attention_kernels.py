@@ -7,6 +7,7 @@ and against a torch reference before timing. Times are medians over many launche
 is reported next to the device's measured copy bandwidth.
 
     python benchmarks/attention_kernels.py [--json out.json]
+    python benchmarks/attention_kernels.py --sweep   # our kernel's launch settings, fastest first
 
 Needs a CUDA device; FlashInfer is optional (without it only our kernel is timed).
 """
@@ -90,8 +91,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per variant")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time our kernel over splits x block_n x num_warps x num_stages instead")
     args = ap.parse_args()
     from triton.testing import do_bench
+
+    if args.sweep:
+        return sweep(args)
 
     device = torch.device("cuda")
     try:
@@ -138,6 +144,64 @@ def main() -> None:
             row["ours_over_best_flashinfer"] = ours / min(fi)
             print(f"{'':>27} ours / best FlashInfer = {ours / min(fi):.2f}x")
         results["shapes"].append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+SWEEP_SHAPES = [
+    (256, 1024, 14, 2, 64, 16),
+    (256, 512, 14, 2, 64, 16),
+    (128, 1024, 32, 8, 128, 16),
+]
+
+
+def sweep(args) -> None:
+    """Every launch setting of our decode kernel on the model shapes; checked, then timed."""
+    import itertools
+
+    from triton.testing import do_bench
+
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    sms = device_num_sms(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs")
+    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "copy_bandwidth_Bps": bw, "sweeps": []}
+    for batch, context, hq, hkv, d, ps in SWEEP_SHAPES:
+        q, k, v, table, lens = make_inputs(batch, context, hq, hkv, d, ps, device, gen)
+        scale = d**-0.5
+        expected = reference(q, k, v, table, lens, scale)
+        kv_bytes = 2 * batch * context * hkv * d * 2
+        default_splits = choose_num_kv_splits(batch, hkv, context, sms)
+        out = torch.empty_like(q)
+        rows = []
+        for splits, block_n, warps, stages in itertools.product((1, 2, 4, 8), (32, 64, 128), (2, 4, 8), (1, 2, 3)):
+            def fn():
+                decode_attention(q, k, v, table, lens, scale, splits, out=out,
+                                 block_n=block_n, num_warps=warps, num_stages=stages)
+            try:
+                fn()
+                torch.cuda.synchronize()
+            except Exception as e:  # e.g. out of shared memory for a big tile
+                print(f"  skip splits={splits} n={block_n} w={warps} s={stages}: {type(e).__name__}")
+                continue
+            err = ((out[:8].float() - expected).norm() / expected.norm()).item()
+            assert err < 2e-2, f"splits={splits} n={block_n} w={warps} s={stages}: error {err}"
+            us = do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median") * 1e3
+            rows.append({"splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages,
+                         "us": us, "TBps": kv_bytes / (us * 1e-6) / 1e12})
+        rows.sort(key=lambda r: r["us"])
+        default = next((r for r in rows if (r["splits"], r["block_n"], r["num_warps"], r["num_stages"])
+                        == (default_splits, 64 if d <= 128 else 32, 4, 2)), None)
+        print(f"batch {batch} ctx {context} heads {hq}/{hkv} d {d} page {ps}: current default "
+              f"{default['us'] if default else float('nan'):.1f} us (splits={default_splits})")
+        for r in rows[:8]:
+            print(f"   splits={r['splits']} block_n={r['block_n']:>3} warps={r['num_warps']} stages={r['num_stages']}"
+                  f"  {r['us']:7.1f} us  {r['TBps']:.2f} TB/s")
+        results["sweeps"].append({"shape": [batch, context, hq, hkv, d, ps], "default_splits": default_splits,
+                                  "rows": rows})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -148,6 +148,20 @@ def main() -> None:
             f.write(ka.table(sort_by="cuda_time_total", row_limit=30))
             f.write("\n\n")
             f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40))
+        # The decode step's kernels, each one's device time (run eagerly so the profiler sees
+        # every launch; a kernel's own duration is the same inside the CUDA graph).
+        fb = make_batch(runner, [1] * 256, [700] * 256)
+        go = eager(fb)
+        go()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                go()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        with open(os.path.join(args.trace, "decode_step_kernels.txt"), "w") as f:
+            f.write("3 eager decode steps (256 decodes @700)\n\n" + table)
+        print(table)
         json.dump(results, open(os.path.join(args.trace, "steps.json"), "w"), indent=1)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=25))
     llm.shutdown()

@@ -155,6 +155,23 @@ def test_decode_attention_bf16_and_odd_head_dim() -> None:
     assert run_decode(4, [33, 70], 1, 3, 96, 4, [2]) < 1e-5
 
 
+@pytest.mark.parametrize("block_n,num_stages", [(16, 1), (32, 3), (128, 2)])
+def test_decode_attention_launch_settings_keep_the_result(block_n: int, num_stages: int) -> None:
+    """block_n / num_warps / num_stages (the tuning sweep's knobs) change speed, not the output."""
+    gen = torch.Generator().manual_seed(block_n)
+    seq_lens = [130, 17, 64, 1]
+    k_cache, v_cache, page_table = paged_cache(gen, seq_lens, 16, 2, 64, torch.float32, DEVICE)
+    q = rand(gen, len(seq_lens), 14, 64, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    expected = ref.decode_attention_ref(q, k_cache, v_cache, page_table, lens, 0.125)
+    for splits in (1, 3):
+        out = decode_attention(q, k_cache, v_cache, page_table, lens, 0.125, splits, out=poisoned(q.shape, torch.float32, DEVICE),
+                               block_n=block_n, num_warps=2, num_stages=num_stages)
+        assert rel_err(out, expected) < 1e-5
+    with pytest.raises(ValueError, match="block_n"):
+        decode_attention(q, k_cache, v_cache, page_table, lens, 0.125, block_n=48)
+
+
 def test_choose_num_kv_splits() -> None:
     assert choose_num_kv_splits(256, 2, 1024, 132) == 1  # enough programs already
     assert choose_num_kv_splits(1, 8, 8192, 132) == 32  # few programs, long context: split

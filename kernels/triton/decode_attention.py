@@ -131,12 +131,17 @@ def decode_attention(
     scale: float,
     num_kv_splits: int | None = None,
     out: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over each sequence's first seq_lens[b] cached keys.
 
     num_kv_splits=None picks it from the batch shape and page_table's width (an upper bound
     on the sequence length, so no device-to-host copy is needed). Returns `out`
-    ([B, num_q_heads, head_dim], q's dtype), allocated when not given.
+    ([B, num_q_heads, head_dim], q's dtype), allocated when not given. block_n (keys per
+    inner step), num_warps and num_stages are launch settings, exposed for tuning sweeps
+    (benchmarks/attention_kernels.py --sweep); they do not change the result beyond rounding.
     """
     check_launchable(_decode_split_kernel, q, k_cache, v_cache, page_table, seq_lens, out)
     batch, num_q_heads, head_dim = _check_decode_args(q, k_cache, v_cache, page_table, seq_lens)
@@ -155,6 +160,14 @@ def decode_attention(
         raise ValueError(f"num_kv_splits must be in [1, {MAX_KV_SPLITS}], got {num_kv_splits}")
 
     block_d = next_power_of_2(head_dim)
+    if block_n is None:
+        block_n = 64 if head_dim <= 128 else 32
+    if num_stages is None:
+        # H200 sweep, 2026-11-30 (docs/benchmarks.md): a third stage helps small heads (256 x
+        # 512/1024 tokens, d64: 34.3 -> 33.5 / 51.6 -> 50.0 us) and not d128.
+        num_stages = 3 if head_dim <= 64 else 2
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if num_kv_splits == 1:
         part, lse = out, out  # lse is unused: WRITE_LSE=False
         part_strides = (out.stride(0), out.stride(1), 0)
@@ -174,9 +187,9 @@ def decode_attention(
         page_table.stride(0),
         *part_strides, *lse_strides,
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=64 if head_dim <= 128 else 32,
+        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         WRITE_LSE=num_kv_splits > 1, DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_decode_split_kernel),
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_kv_splits > 1:
         _decode_merge_kernel[(batch, num_q_heads)](
