@@ -209,8 +209,8 @@ def main():
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--no-mixed-chunk", action="store_true",
                     help="Engine(enable_mixed_chunk=False): prefill-only or decode-only steps")
-    ap.add_argument("--extend-cuda-graph", action="store_true",
-                    help="Engine(enable_extend_cuda_graph=True): prefill and mixed steps replay CUDA graphs too")
+    ap.add_argument("--disable-extend-cuda-graph", action="store_true",
+                    help="Engine(disable_extend_cuda_graph=True): prefill and mixed steps run eagerly")
     ap.add_argument("--disable-overlap-schedule", action="store_true",
                     help="Engine(disable_overlap_schedule=True): collect each step's tokens before the next")
     ap.add_argument("--admission-batch", type=int, default=None,
@@ -245,15 +245,15 @@ def main():
         opts["admission_batch"] = args.admission_batch
     if args.disable_overlap_schedule:
         opts["disable_overlap_schedule"] = True
-    if args.extend_cuda_graph:
-        opts["enable_extend_cuda_graph"] = True
+    if args.disable_extend_cuda_graph:
+        opts["disable_extend_cuda_graph"] = True
     config = ",".join(
         [args.backend or "auto"] + (["no-graphs"] if args.disable_cuda_graph else [])
         + (["no-radix"] if args.disable_radix_cache else [])
         + (["no-mixed"] if args.no_mixed_chunk else [])
         + ([f"admit{args.admission_batch}"] if args.admission_batch else [])
         + (["no-overlap"] if args.disable_overlap_schedule else [])
-        + (["extend-graphs"] if args.extend_cuda_graph else [])
+        + (["no-extend-graphs"] if args.disable_extend_cuda_graph else [])
     )
     shape = ModelShape.from_config(cfg)
     results = []

@@ -78,7 +78,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         cuda_graph_max_bs=0 if cfg.disable_cuda_graph else min(cfg.cuda_graph_max_bs, max_running),
         chunked_prefill_size=cfg.chunked_prefill_size,
         max_running_requests=max_running,
-        extend_cuda_graph=cfg.enable_extend_cuda_graph and not cfg.disable_cuda_graph,
+        extend_cuda_graph=not (cfg.disable_extend_cuda_graph or cfg.disable_cuda_graph),
     )
     # A lone sequence must always fit in the pool, so the pool also caps the context.
     context = min(context, runner.capacity_tokens)

@@ -15,8 +15,8 @@ Padding tokens take K/V slot 0 (page 0 is the pool's scratch page, never a reque
 work-list entry covers them, so attention never reads or writes their rows, and every other
 op is row-wise, so whatever they hold cannot reach a real row.
 
-Triton attention only (the backend must provide graph_extend_metadata). Off by default
-(`Engine(enable_extend_cuda_graph=True)`).
+Triton attention only (the backend must provide graph_extend_metadata). On by default where
+it applies; `Engine(disable_extend_cuda_graph=True)` turns it off.
 """
 
 from __future__ import annotations

@@ -83,10 +83,10 @@ def test_tiny_families_match_hf_on_gpu(checkpoints, family, backend, graphs, dty
 
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.08), ("float32", 0.02)])
 def test_extend_graphs_match_hf(checkpoints, dtype, tol):
-    """enable_extend_cuda_graph: prefill and mixed steps replay captured graphs, same tokens as HF."""
+    """Extend CUDA graphs (on by default): prefill and mixed steps replay captured graphs, same tokens as HF."""
     directory, hf_model = checkpoints["qwen2"]
     prompts = _prompts(17, n=24)
-    opts = dict(device="cuda", dtype=dtype, attention_backend="triton", enable_extend_cuda_graph=True,
+    opts = dict(device="cuda", dtype=dtype, attention_backend="triton",
                 chunked_prefill_size=256, max_running_requests=8)
     with Engine(directory, page_size=16, cuda_graph_max_bs=8, **opts) as llm:
         assert llm._runner.extend_graphs is not None and llm._runner.extend_graphs.graphs
