@@ -24,6 +24,8 @@ from pipeline_infer.forward_batch import ForwardBatch  # noqa: E402
 from pipeline_infer.kernels.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from pipeline_infer.kernels.triton.decode_attention import _decode_split_kernel  # noqa: E402
 from pipeline_infer.kernels.triton.launch import is_interpreted  # noqa: E402
+from pipeline_infer.layers import attention as attention_layer  # noqa: E402
+from pipeline_infer.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DEVICE = "cpu" if is_interpreted(_decode_split_kernel) else "cuda"
 NUM_LAYERS = 2
@@ -109,8 +111,8 @@ def dense_reference(seqs: Sequences, q: torch.Tensor, batch: ForwardBatch, scale
     return torch.cat(out)
 
 
-def make_pool(page_size: int, num_kv_heads: int, head_dim: int) -> KVPool:
-    pool = KVPool(NUM_LAYERS, 20 + 700 // page_size, page_size, num_kv_heads, head_dim, torch.float32, DEVICE)
+def make_pool(page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32) -> KVPool:
+    pool = KVPool(NUM_LAYERS, 20 + 700 // page_size, page_size, num_kv_heads, head_dim, dtype, DEVICE)
     for layer in range(NUM_LAYERS):
         pool.k_cache[layer].fill_(float("nan"))
         pool.v_cache[layer].fill_(float("nan"))
@@ -199,3 +201,85 @@ def test_constructor_rejects_shapes_that_do_not_match_the_pool() -> None:
         TritonAttentionBackend(pool, 4, 1, 64)
     with pytest.raises(ValueError, match="multiple"):
         TritonAttentionBackend(pool, 3, 2, 64)
+
+
+@pytest.mark.parametrize(
+    "page_size,num_q_heads,num_kv_heads,head_dim,rotary_dim,dtype",
+    [(16, 14, 2, 64, 64, torch.float32), (1, 4, 4, 128, 64, torch.float32), (16, 4, 2, 64, 64, torch.bfloat16)],
+    ids=["gqa", "partial-rotary-page1", "bf16"],
+)
+def test_forward_with_rope_matches_rotary_then_forward(
+    page_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int, dtype: torch.dtype
+) -> None:
+    # Two pools with the same cached prefixes: one backend takes the fused path, the other
+    # rotates first (the layer's unfused path) and stores with store_kv.
+    gen = torch.Generator().manual_seed(page_size + num_q_heads + rotary_dim)
+    pool = make_pool(page_size, num_kv_heads, head_dim, dtype)
+    seqs = Sequences(pool, gen)
+    for prefix in (0, 21, 300):
+        seqs.add_cached(prefix)
+    twin = make_pool(page_size, num_kv_heads, head_dim, dtype)
+    for layer in range(NUM_LAYERS):
+        twin.k_cache[layer].copy_(pool.k_cache[layer])
+        twin.v_cache[layer].copy_(pool.v_cache[layer])
+    fused = TritonAttentionBackend(pool, num_q_heads, num_kv_heads, head_dim, num_sms=16)
+    unfused = TritonAttentionBackend(twin, num_q_heads, num_kv_heads, head_dim, num_sms=16)
+    rope = RotaryEmbedding(head_dim, rotary_dim, 1024, {"rope_type": "default", "rope_theta": 1e6}).to(DEVICE)
+    scale = head_dim**-0.5
+    # The interpreter truncates fp32 -> bf16 where torch's rotary rounds (< 1 ulp).
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-2)
+
+    for extend_lens in ([9, 5, 1], [1, 1, 1]):  # a mixed extend step, then a decode step
+        batch, _, _ = seqs.step(extend_lens)
+        fused.plan(batch)  # the metadata depends on the batch only, so both backends share it
+        t = batch.num_tokens
+        qkv = seqs.rand(t, (num_q_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+        q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        q, k, v = q.view(t, num_q_heads, head_dim), k.view(t, num_kv_heads, head_dim), v.view(t, num_kv_heads, head_dim)
+
+        out = fused.forward_with_rope(q, k, v, rope, 1, batch, scale)
+        q_rot, k_rot = rope(batch.positions, q, k)
+        expected = unfused.forward(q_rot, k_rot, v, 1, batch, scale)
+
+        assert out.shape == expected.shape and torch.isfinite(out).all()
+        torch.testing.assert_close(out, expected, **tol)
+        for layer in range(NUM_LAYERS):  # every slot of both layers, the untouched NaN ones too
+            torch.testing.assert_close(pool.k_cache[layer], twin.k_cache[layer], equal_nan=True, **tol)
+            torch.testing.assert_close(pool.v_cache[layer], twin.v_cache[layer], equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: PagedAttention takes the fused path on CUDA only")
+def test_paged_attention_takes_the_fused_path_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The layer as the model runs it (bf16, fused qkv in, Qwen2.5-0.5B heads) against its unfused path.
+    gen = torch.Generator().manual_seed(11)
+    pool, twin = make_pool(16, 2, 64, torch.bfloat16), make_pool(16, 2, 64, torch.bfloat16)
+    seqs = Sequences(pool, gen)
+    for prefix in (0, 40):
+        seqs.add_cached(prefix)
+    for layer in range(NUM_LAYERS):
+        twin.k_cache[layer].copy_(pool.k_cache[layer])
+        twin.v_cache[layer].copy_(pool.v_cache[layer])
+    fused, unfused = TritonAttentionBackend(pool, 14, 2, 64), TritonAttentionBackend(twin, 14, 2, 64)
+    rope = RotaryEmbedding(64, 64, 1024, {"rope_type": "default", "rope_theta": 1e6}).to(DEVICE)
+    attn = attention_layer.PagedAttention(1, 14, 2, 64, rope)
+    calls = []
+    fused_forward_with_rope = fused.forward_with_rope
+    monkeypatch.setattr(fused, "forward_with_rope", lambda *a: calls.append(1) or fused_forward_with_rope(*a))
+    for extend_lens in ([9, 1], [1, 1]):
+        batch, _, _ = seqs.step(extend_lens)
+        fused.plan(batch)
+        qkv = seqs.rand(batch.num_tokens, (14 + 2 * 2) * 64).to(torch.bfloat16)
+        batch.attn_backend = fused
+        out = attn(qkv, batch)
+        with monkeypatch.context() as m:  # the unfused path: rotary, then forward
+            m.setattr(attention_layer, "use_triton", lambda x: False)
+            batch.attn_backend = unfused
+            expected = attn(qkv, batch)
+        # Both paths rotate with the same code (rotary.rotate_heads), so this should be exact; the
+        # tolerance allows a q/k element one bf16 ulp off, a few ulps once through attention.
+        torch.testing.assert_close(out, expected, rtol=3e-2, atol=3e-2)
+        for layer in range(NUM_LAYERS):
+            torch.testing.assert_close(pool.k_cache[layer], twin.k_cache[layer], equal_nan=True, rtol=2**-7, atol=1e-5)
+            torch.testing.assert_close(pool.v_cache[layer], twin.v_cache[layer], equal_nan=True, rtol=0, atol=0)
+    assert len(calls) == 2

@@ -11,6 +11,12 @@ KV layout (shared by every backend; see pipeline_infer/cache/kv_pool.py):
 
 There is deliberately no abstract base class: backends are plain classes with these
 two methods, checked by duck typing (see `AttentionBackend` below, a Protocol).
+
+Optionally a backend sets the class attribute `fuses_rope = True` and has
+`forward_with_rope(q, k, v, rotary, layer_id, batch, scale)`, which takes q and k before the
+rotary embedding and rotates them itself, e.g. in the same kernel that stores K/V (Triton:
+rope_store_kv). Callers go through `forward_with_rope` below, which falls back to rotating
+first and calling `forward` for backends without it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Protocol
 import torch
 
 from pipeline_infer.forward_batch import ForwardBatch
+from pipeline_infer.layers.rotary import RotaryEmbedding
 
 
 class AttentionBackend(Protocol):
@@ -36,3 +43,20 @@ class AttentionBackend(Protocol):
         scale: float,
     ) -> torch.Tensor:  # [T, num_q_heads, head_dim]
         """Store k/v at batch.out_cache_loc in layer `layer_id`'s cache, then attend."""
+
+
+def forward_with_rope(
+    backend: AttentionBackend,
+    q: torch.Tensor,  # [T, num_q_heads, head_dim], not yet rotated
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim], not yet rotated
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    rotary: RotaryEmbedding,
+    layer_id: int,
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:  # [T, num_q_heads, head_dim]
+    """Rotate q/k by batch.positions, store k/v, attend: fused where the backend can (fuses_rope)."""
+    if getattr(backend, "fuses_rope", False):
+        return backend.forward_with_rope(q, k, v, rotary, layer_id, batch, scale)
+    q, k = rotary(batch.positions, q, k)
+    return backend.forward(q, k, v, layer_id, batch, scale)

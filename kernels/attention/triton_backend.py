@@ -3,9 +3,11 @@
 `plan` turns the batch's host-side lists into the int32 tensors the kernels read, once per
 forward; `forward` (once per layer) then only launches kernels: store_kv, then the decode
 kernel when every sequence adds one token, else the extend kernel (which also serves mixed
-prefill + decode batches). Nothing in `forward` copies from the device to the host. For
-extend batches `plan` also builds the extend kernel's work list (one entry per block of new
-tokens), so a mixed batch launches only the blocks that hold tokens.
+prefill + decode batches). `forward_with_rope` takes q and k before the rotary embedding and
+replaces store_kv with rope_store_kv, one kernel that rotates q and k and stores k and v
+straight from their strided views of the fused qkv. Nothing in either copies from the device
+to the host. For extend batches `plan` also builds the extend kernel's work list (one entry
+per block of new tokens), so a mixed batch launches only the blocks that hold tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch
 from pipeline_infer.kernels.triton.decode_attention import choose_num_kv_splits, decode_attention, device_num_sms
 from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks, tokens_per_block
+from pipeline_infer.kernels.triton.rope_store_kv import rope_store_kv
 from pipeline_infer.kernels.triton.store_kv import store_kv
+from pipeline_infer.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -38,6 +42,9 @@ class TritonAttentionMetadata:
 
 
 class TritonAttentionBackend:
+    # forward_with_rope rotates q/k itself, in the kernel that stores K/V (see base.py).
+    fuses_rope = True
+
     def __init__(
         self, kv_pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, num_sms: int | None = None
     ):
@@ -121,10 +128,29 @@ class TritonAttentionBackend:
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:  # [T, num_q_heads, head_dim]
-        md = batch.attn_metadata
-        assert isinstance(md, TritonAttentionMetadata), "plan(batch) must run before forward"
+        md = _planned(batch)
         k_flat, v_flat = self.kv_pool.view_flat(layer_id)
         store_kv(k, v, k_flat, v_flat, batch.out_cache_loc)
+        return self._attend(q, md, layer_id, scale)
+
+    def forward_with_rope(
+        self,
+        q: torch.Tensor,  # [T, num_q_heads, head_dim], not yet rotated; strided views are fine
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim], not yet rotated
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        rotary: RotaryEmbedding,
+        layer_id: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_q_heads, head_dim]
+        """rotary(batch.positions, q, k), then forward; the rotation and the K/V store are one kernel."""
+        md = _planned(batch)
+        k_flat, v_flat = self.kv_pool.view_flat(layer_id)
+        q = rope_store_kv(q, k, v, batch.positions, rotary.cos_sin_cache, k_flat, v_flat, batch.out_cache_loc)
+        return self._attend(q, md, layer_id, scale)
+
+    def _attend(self, q: torch.Tensor, md: TritonAttentionMetadata, layer_id: int, scale: float) -> torch.Tensor:
+        """Attention of q over layer_id's cache, which already holds this step's K/V."""
         k_cache, v_cache = self.kv_pool.k_cache[layer_id], self.kv_pool.v_cache[layer_id]
         if md.is_decode:
             return decode_attention(q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits)
@@ -180,6 +206,12 @@ class TritonAttentionBackend:
         block_start[: len(start)] = start
         num_blocks[0] = len(seq)
         return out
+
+
+def _planned(batch: ForwardBatch) -> TritonAttentionMetadata:
+    md = batch.attn_metadata
+    assert isinstance(md, TritonAttentionMetadata), "plan(batch) must run before forward"
+    return md
 
 
 def _int32_tensor(values: list[int], device: torch.device) -> torch.Tensor:

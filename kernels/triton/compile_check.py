@@ -24,7 +24,9 @@ _FLOAT_ARGS = {"sm_scale_log2", "eps"}
 
 def _variants() -> list[tuple[Any, dict, str]]:
     """(kernel, constexprs, dtype of data pointers) for each compiled variant the wrappers use."""
-    from pipeline_infer.kernels.triton import activation, decode_attention, extend_attention, rms_norm, rotary, store_kv
+    from pipeline_infer.kernels.triton import (
+        activation, decode_attention, extend_attention, rms_norm, rope_store_kv, rotary, store_kv,
+    )
 
     decode = dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_H=16, BLOCK_D=64, BLOCK_N=64)
     extend = dict(PAGE_SIZE=16, GROUP=4, HEAD_DIM=128, TOKENS_PER_BLOCK=16, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128)
@@ -41,6 +43,10 @@ def _variants() -> list[tuple[Any, dict, str]]:
         (rms_norm._rms_norm_kernel, dict(HAS_RESIDUAL=False, BLOCK=1024), "fp16"),
         (rotary._rotary_kernel, dict(NUM_Q_HEADS=14, NUM_K_HEADS=2, HALF=32, PASS=0, BLOCK_H=16, BLOCK_HALF=32, BLOCK_PASS=1), "bf16"),
         (rotary._rotary_kernel, dict(NUM_Q_HEADS=8, NUM_K_HEADS=8, HALF=32, PASS=64, BLOCK_H=8, BLOCK_HALF=32, BLOCK_PASS=64), "fp32"),
+        (rope_store_kv._rope_store_kv_kernel, dict(NUM_Q_HEADS=14, NUM_KV_HEADS=2, HEAD_DIM=64, HALF=32, PASS=0, BLOCK_QH=16,
+                                                   BLOCK_KH=2, BLOCK_HALF=32, BLOCK_PASS=1, BLOCK_D=64), "bf16"),
+        (rope_store_kv._rope_store_kv_kernel, dict(NUM_Q_HEADS=4, NUM_KV_HEADS=4, HEAD_DIM=128, HALF=32, PASS=64, BLOCK_QH=4,
+                                                   BLOCK_KH=4, BLOCK_HALF=32, BLOCK_PASS=64, BLOCK_D=128), "fp32"),
         (activation._silu_and_mul_kernel, dict(BLOCK=1024), "bf16"),
     ]
 

@@ -16,6 +16,47 @@ from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, chec
 
 
 @triton.jit
+def load_cos_sin(row_ptr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One position's cos and sin ([1, BLOCK_HALF] fp32, 0 past HALF) from its table row.
+
+    Shared with the fused rotary + K/V store kernel (rope_store_kv.py).
+    """
+    offs_f = tl.arange(0, BLOCK_HALF)
+    f_mask = offs_f < HALF
+    cos = tl.load(row_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(row_ptr + HALF + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def rotate_heads(
+    src, s_h, dst, d_h, cos, sin,  # src/dst: the token's first head; s_h/d_h: their head strides
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, PASS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    """Rotate one token's heads in fp32 and store them in dst's dtype; dims past 2 * HALF are copied.
+
+    Shared with the fused rotary + K/V store kernel (rope_store_kv.py), whose dst is a cache slot.
+    """
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_f = tl.arange(0, BLOCK_HALF)
+    h_mask = offs_h < NUM_HEADS
+    mask = h_mask[:, None] & (offs_f[None, :] < HALF)
+    base = src + offs_h[:, None] * s_h
+    x1 = tl.load(base + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_base = dst + offs_h[:, None] * d_h
+    # Both halves are loaded before either is stored, so dst may alias src (in place).
+    tl.store(out_base + offs_f[None, :], (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=mask)
+    tl.store(out_base + HALF + offs_f[None, :], (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=mask)
+    if PASS > 0:
+        offs_p = tl.arange(0, BLOCK_PASS)
+        p_mask = h_mask[:, None] & (offs_p[None, :] < PASS)
+        rest = tl.load(base + 2 * HALF + offs_p[None, :], mask=p_mask, other=0.0)
+        tl.store(out_base + 2 * HALF + offs_p[None, :], rest.to(dst.dtype.element_ty), mask=p_mask)
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
@@ -24,32 +65,15 @@ def _rotary_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_f = tl.arange(0, BLOCK_HALF)
-    f_mask = offs_f < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_p = tl.arange(0, BLOCK_PASS)
-
-    # q then k: the same code on two tensors, unrolled at compile time.
-    for which in tl.static_range(2):
-        if which == 0:
-            src, dst, s_t, s_h, d_t, d_h, n_heads = q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, NUM_Q_HEADS
-        else:
-            src, dst, s_t, s_h, d_t, d_h, n_heads = k_ptr, k_out_ptr, stride_kt, stride_kh, stride_kot, stride_koh, NUM_K_HEADS
-        h_mask = offs_h < n_heads
-        mask = h_mask[:, None] & f_mask[None, :]
-        base = src + t * s_t + offs_h[:, None] * s_h
-        x1 = tl.load(base + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + HALF + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
-        out_base = dst + t * d_t + offs_h[:, None] * d_h
-        # Both halves are loaded before either is stored, so dst may alias src (in place).
-        tl.store(out_base + offs_f[None, :], (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=mask)
-        tl.store(out_base + HALF + offs_f[None, :], (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=mask)
-        if PASS > 0:
-            p_mask = h_mask[:, None] & (offs_p[None, :] < PASS)
-            rest = tl.load(base + 2 * HALF + offs_p[None, :], mask=p_mask, other=0.0)
-            tl.store(out_base + 2 * HALF + offs_p[None, :], rest, mask=p_mask)
+    cos, sin = load_cos_sin(cos_sin_ptr + pos * stride_cs, HALF, BLOCK_HALF)
+    rotate_heads(
+        q_ptr + t * stride_qt, stride_qh, q_out_ptr + t * stride_qot, stride_qoh, cos, sin,
+        NUM_Q_HEADS, HALF, PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS,
+    )
+    rotate_heads(
+        k_ptr + t * stride_kt, stride_kh, k_out_ptr + t * stride_kot, stride_koh, cos, sin,
+        NUM_K_HEADS, HALF, PASS, BLOCK_H, BLOCK_HALF, BLOCK_PASS,
+    )
 
 
 def apply_rotary(

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from pipeline_infer.forward_batch import ForwardBatch
+from pipeline_infer.kernels.attention.base import forward_with_rope
+from pipeline_infer.layers.fast_path import use_triton
 from pipeline_infer.layers.norm import RMSNorm
 from pipeline_infer.layers.rotary import RotaryEmbedding
 
@@ -48,9 +50,14 @@ class PagedAttention(nn.Module):
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        # v stays a strided view of qkv: every backend's K/V store takes strided rows.
+        if self.q_norm is None and use_triton(qkv):
+            # The backend may rotate q/k inside its K/V store (Triton: one kernel instead of three).
+            out = forward_with_rope(batch.attn_backend, q, k, v, self.rotary, self.layer_id, batch, self.scale)
+            return out.reshape(T, self.q_size)
         if self.q_norm is not None:
             q = self.q_norm(q.contiguous())
             k = self.k_norm(k.contiguous())
         q, k = self.rotary(batch.positions, q, k)
-        out = batch.attn_backend.forward(q, k, v.contiguous(), self.layer_id, batch, self.scale)
+        out = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)
         return out.reshape(T, self.q_size)
