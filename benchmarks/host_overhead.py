@@ -105,6 +105,15 @@ class _StubRunner:
             time.sleep(self.step_s)
         return [1 if c.samples else None for c in batch.chunks]
 
+    # The engine core's launch / collect API (ModelRunner.launch returns a step to collect later).
+    def launch(self, batch):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(batch=batch, tokens=self.run(batch))
+
+    def collect(self, step):
+        return step.tokens
+
     def on_idle(self):
         pass
 

@@ -19,7 +19,7 @@ import traceback
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from pipeline_infer.request import FinishReason, Request
+from pipeline_infer.request import FinishReason, Request, RequestStatus
 from pipeline_infer.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -179,9 +179,10 @@ class EngineCore:
                 return False
 
     def _emit(self, req: Request) -> None:
-        if req.on_output is not None:
+        on_output = req.on_output
+        if on_output is not None:
             try:
-                req.on_output(req, req.is_finished)
+                on_output(req, req.status is RequestStatus.FINISHED)  # once per request per step: no property call
             except Exception:  # a broken consumer must not take the engine down
                 logger.error("output callback failed: %s", traceback.format_exc())
 

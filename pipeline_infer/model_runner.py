@@ -314,19 +314,23 @@ class ModelRunner:
                 return LaunchedStep(batch)  # nothing samples: nothing to wait for
             logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling else None
         if sampling:
+            reqs = [c.req for c in sampling]
+            output_ids = [r.output_ids for r in reqs]
             info = SamplingBatchInfo.build(
-                params=[c.req.params for c in sampling],
-                prompt_ids=[c.req.prompt_ids for c in sampling],
-                output_ids=[c.req.output_ids for c in sampling],
-                seeds=[c.req.seed for c in sampling],
+                params=[r.params for r in reqs],
+                prompt_ids=[r.prompt_ids for r in reqs],
+                output_ids=output_ids,
+                seeds=[r.seed for r in reqs],
                 vocab_size=logits.shape[-1],
                 device=logits.device,
                 eos_token_ids=self.eos_token_ids,
                 # Filled on the host while the device still runs the forward pass.
-                vocab_bitmask=fill_bitmask([c.req.grammar for c in sampling], logits.shape[-1]),
+                vocab_bitmask=fill_bitmask([r.grammar for r in reqs], logits.shape[-1]),
                 # The token sampled now sits at the end of token_ids (a placeholder; the one
                 # before it may be one too, still in flight): its index among the outputs.
-                steps=[c.req.num_tokens - 1 - c.req.prompt_len for c in sampling],
+                steps=[len(r.token_ids) - 1 - len(r.prompt_ids) for r in reqs],
+                # Every row a bare argmax (the usual greedy batch job): no per-row set-up.
+                argmax_only=all(len(o) >= r.argmax_from for o, r in zip(output_ids, reqs)),
             )
             sampled = self.sampler(logits, info)
         else:
@@ -359,8 +363,11 @@ class ModelRunner:
             tokens = step.sampled.tolist()
         if timer is not None:
             timer.on_host()
+        chunks = step.batch.chunks
+        if len(tokens) == len(chunks):  # every chunk samples (a decode step): already in order
+            return tokens
         it = iter(tokens)
-        return [next(it) if c.samples else None for c in step.batch.chunks]
+        return [next(it) if c.samples else None for c in chunks]
 
     def on_idle(self) -> None:
         """The engine has nothing to run: drop per-batch state kept from step to step."""

@@ -23,6 +23,7 @@ from pipeline_infer.sampling_params import SamplingParams
 
 
 PLACEHOLDER = -1  # a sampled token not yet on the host (see the module docstring)
+_NEVER = 1 << 62  # an output count no request reaches
 
 
 class RequestStatus(enum.Enum):
@@ -95,6 +96,13 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_ids)
+        # Output count from which sampling this request's next token is a bare argmax (greedy,
+        # no penalties, no logit_bias, min_new_tokens reached); never when it is not greedy or
+        # has penalties or a bias. Worked out once here (a request's params do not change), so a
+        # step of such requests can skip the per-row sampling set-up (SamplingBatchInfo.build).
+        p = self.params
+        plain = p.is_greedy and not p.has_penalties and not p.logit_bias
+        self.argmax_from: int = p.min_new_tokens if plain else _NEVER
 
     # --- sizes -----------------------------------------------------------------
     @property
@@ -146,32 +154,36 @@ class Request:
         p = self.params
         if p.max_new_tokens == 0:  # a prompt-only request (prompt logprobs, hidden states): done
             return self.finish(FinishReason("length", None))
-        assert position == self.prompt_len + len(self.output_ids) and self.token_ids[position] == PLACEHOLDER, (
+        # Called for every running request every step: lists and sizes are read into locals
+        # once rather than through the properties (num_output, prompt_len) again and again.
+        output_ids, token_ids, grammar, detokenizer = self.output_ids, self.token_ids, self.grammar, self.detokenizer
+        assert position == len(self.prompt_ids) + len(output_ids) and token_ids[position] == PLACEHOLDER, (
             f"{self.rid}: token for position {position} does not fill the first placeholder"
         )
-        self.output_ids.append(token_id)
-        self.token_ids[position] = token_id
+        output_ids.append(token_id)
+        token_ids[position] = token_id
+        num_output = len(output_ids)
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-        grammar_ok = self.grammar is None or self.grammar.accept(token_id)
-        stop_token = self.num_output > p.min_new_tokens - 1 and (
+        grammar_ok = grammar is None or grammar.accept(token_id)
+        stop_token = num_output >= p.min_new_tokens and (
             (p.stop_token_ids is not None and token_id in p.stop_token_ids)
             or (not p.ignore_eos and token_id in self.eos_token_ids)
         )
         # A stop token stays in output_ids (as in SGLang) but its text is trimmed unless no_stop_trim.
-        if self.detokenizer is not None and (not stop_token or p.no_stop_trim):
-            self.output_text += self.detokenizer.add(token_id)
+        if detokenizer is not None and (not stop_token or p.no_stop_trim):
+            self.output_text += detokenizer.add(token_id)
         if stop_token:
             return self.finish(FinishReason("stop", token_id))
         if not grammar_ok:  # only when another constraint (e.g. min_new_tokens) overrode the grammar
             return self.finish(FinishReason("abort", None, f"structured output: token {token_id} breaks the grammar"))
-        if self.grammar is not None and self.grammar.is_terminated():
+        if grammar is not None and grammar.is_terminated():
             return self.finish(FinishReason("stop", token_id))
         # Stop strings end a request even before min_new_tokens: the detokenizer has already
         # withheld the match, and emitting past it would break the stream's contract.
-        if self.detokenizer is not None and self.detokenizer.stopped is not None:
-            return self.finish(FinishReason("stop", self.detokenizer.stopped))
-        if self.num_output >= p.max_new_tokens or position + 1 >= self.context_length:
+        if detokenizer is not None and detokenizer.stopped is not None:
+            return self.finish(FinishReason("stop", detokenizer.stopped))
+        if num_output >= p.max_new_tokens or position + 1 >= self.context_length:
             return self.finish(FinishReason("length", None))
 
     def finish(self, reason: FinishReason) -> None:

@@ -61,10 +61,25 @@ class SamplingBatchInfo:
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         vocab_bitmask: torch.Tensor | None = None,
         steps: list[int] | None = None,
+        argmax_only: bool = False,
     ) -> "SamplingBatchInfo":
         """vocab_bitmask: the host int32 bitmask of structured.fill_bitmask, or None. steps: each
         row's index of the token being sampled (default: its output count; with the overlap
-        schedule a token still in flight counts too)."""
+        schedule a token still in flight counts too). argmax_only: the caller knows every row is
+        greedy with no penalties, no logit_bias and min_new_tokens reached (Request.argmax_from),
+        so the info is the all-greedy one without looking at each row's params."""
+        if argmax_only:
+            # What the general path below gives for such rows, minus its passes over the batch
+            # (several per-row checks, each a Python loop over up to hundreds of rows a step).
+            return cls(
+                temperatures=None, top_ps=None, top_ks=None, min_ps=None, greedy=None,
+                all_greedy=True, need_top_p=False, need_top_k=False, need_min_p=False,
+                seeds=list(seeds),
+                steps=steps if steps is not None else [len(o) for o in output_ids],
+                output_counts=None, seen_mask=None, frequency_penalties=None,
+                presence_penalties=None, repetition_penalties=None, bias=None,
+                vocab_mask=_vocab_mask(vocab_bitmask, vocab_size, device),
+            )
         B, V = len(params), vocab_size
         greedy = [p.is_greedy for p in params]
 
@@ -128,7 +143,7 @@ def _penalties(params, prompt_ids, output_ids, V, device) -> dict:
 def _bias(params, output_ids, V, device, eos_token_ids) -> torch.Tensor | None:
     rows: list[tuple[int, list[tuple[int, float]]]] = []
     for i, p in enumerate(params):
-        entries = p.logit_bias_items()
+        entries = p.logit_bias_items() if p.logit_bias else []  # most rows: no bias, no list to build
         if len(output_ids[i]) < p.min_new_tokens:
             banned = set(p.stop_token_ids or [])
             if not p.ignore_eos:

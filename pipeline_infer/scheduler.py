@@ -77,6 +77,7 @@ import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Protocol
 
 from pipeline_infer.cache.kv_pool import PageAllocator
@@ -223,6 +224,9 @@ def _common(key: tuple[int, ...], ids: list[int], i: int, n: int) -> int:
     return lo
 
 
+_by_age = attrgetter("queue_seq")  # submission order (kept across retractions)
+
+
 def _known_computed(req: Request) -> int:
     """Computed tokens whose ids are on the host: the prefix cache is keyed by ids, so a page
     holding a placeholder (a token still in flight) must not enter it."""
@@ -314,17 +318,16 @@ class Scheduler:
             chunks = self._prefill_chunks(self.chunked_prefill_size, retractions)
             if chunks:
                 return self._batch(chunks)
-        chunks: list[ScheduledChunk] = []
         # A request whose token in flight is its last by length (overlap schedule) has nothing
-        # left to decode: it finishes when that step is committed.
-        decodes = [
-            r for r in self.running
-            if r.num_computed == r.num_tokens - 1
-            and r.num_tokens - r.prompt_len < r.params.max_new_tokens and r.num_tokens < r.context_length
-        ]
+        # left to decode: it finishes when that step is committed. (A loop over every running
+        # request each step: sizes by len() rather than through the properties.)
+        decodes = []
+        for r in self.running:
+            n = len(r.token_ids)
+            if r.num_computed == n - 1 and n - len(r.prompt_ids) < r.params.max_new_tokens and n < r.context_length:
+                decodes.append(r)
         decodes = self._ensure_decode_pages(decodes)
-        for req in decodes:
-            chunks.append(ScheduledChunk(req, req.num_computed, 1, True, prefill=False))
+        chunks = [ScheduledChunk(req, req.num_computed, 1, True, False) for req in decodes]
         if self.mixed_chunk:
             chunks += self._prefill_chunks(self.chunked_prefill_size, retractions)
         return self._batch(chunks) if chunks else None
@@ -335,7 +338,7 @@ class Scheduler:
         for req in self.running:
             if budget <= 0:
                 break
-            if req.num_computed < req.num_tokens - 1:
+            if req.num_computed < len(req.token_ids) - 1:
                 chunk = self._prefill_chunk(req, budget)
                 chunks.append(chunk)
                 budget -= chunk.length
@@ -403,17 +406,21 @@ class Scheduler:
     def commit(self, batch: ScheduledBatch, next_tokens: list[int | None]) -> list[Request]:
         """Fill in a step's sampled tokens; returns the requests that got one (finished ones included)."""
         updated: list[Request] = []
+        running, finished, inflight = RequestStatus.RUNNING, RequestStatus.FINISHED, self._inflight
         for chunk, token in zip(batch.chunks, next_tokens):
             req = chunk.req
-            if req.status is not RequestStatus.RUNNING:  # finished or aborted while the step ran
+            if req.status is not running:  # finished or aborted while the step ran
                 continue
             if chunk.samples:
-                if self._inflight is not None:
-                    self._inflight.remove(req)  # prefill done (a no-op for decodes)
+                # Prefill done. Only a prefill chunk can end one: a request is in the in-flight
+                # set from admission until its first sampling chunk (a prefill) is committed,
+                # or until it is released, so for a decode this would be a no-op.
+                if inflight is not None and chunk.prefill:
+                    inflight.remove(req)
                 assert token is not None
                 req.fill_token(chunk.start + chunk.length, token)
                 updated.append(req)
-                if req.is_finished:
+                if req.status is finished:
                     self.running.remove(req)
                     self._release(req, cache_kv=True)
                     continue
@@ -767,10 +774,25 @@ class Scheduler:
 
     def _ensure_decode_pages(self, decodes: list[Request]) -> list[Request]:
         """Give each decode room for its next token, retracting requests when pages run out."""
-        ready: list[Request] = []
         # Oldest first: the victims (newest first) are then always newer than the request being
         # served, so no request already given its page this step is retracted afterwards.
-        for req in sorted(decodes, key=lambda r: r.queue_seq):
+        decodes = sorted(decodes, key=_by_age)
+        # The common case: the free pages cover every decode that needs one (at page size 1,
+        # all of them), so nothing is retracted or evicted. One allocation then hands out the
+        # same pages, in the same order, as _decode_pages_one_by_one.
+        ps = self.page_size
+        needy = [r for r in decodes if r.num_computed // ps >= len(r.pages)]  # no room for the next token
+        if len(needy) <= self.allocator.num_free:
+            for req, page in zip(needy, self.allocator.alloc(len(needy))):
+                req.pages.append(page)
+            return decodes
+        return self._decode_pages_one_by_one(decodes)
+
+    def _decode_pages_one_by_one(self, decodes: list[Request]) -> list[Request]:
+        """_ensure_decode_pages when pages may run out: page by page, oldest request first,
+        evicting from the prefix cache and then retracting newer requests where needed."""
+        ready: list[Request] = []
+        for req in decodes:
             if req.status is not RequestStatus.RUNNING:
                 continue  # retracted below to make room for an older request
             if self._pages_for(req.num_computed + 1) <= len(req.pages):

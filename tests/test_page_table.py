@@ -64,3 +64,28 @@ def test_version_bump_without_length_change_is_seen():
     r.pages[:2] = [1, 2]
     r.pages_version += 1
     np.testing.assert_array_equal(builder.build([r]), [[1, 2, 7]])
+
+
+def test_same_rows_as_last_step_equal_rebuilt_table():
+    """The usual decode step (the same requests in the same rows, same pages_version) takes the
+    column-wise path: rows growing by none, one or several pages, or shrinking, must all match."""
+    rng = random.Random(5)
+    next_page = iter(range(1, 10**7))
+    running = [SimpleNamespace(rid=f"r{i}", pages_version=0, pages=[next(next_page) for _ in range(rng.randint(0, 70))])
+               for i in range(40)]
+    builder = PageTableBuilder()
+    builder.build(running)
+    for step in range(200):
+        shrunk = 0
+        for r in running:
+            roll = rng.random()
+            if roll < 0.5:
+                r.pages.append(next(next_page))
+            elif roll < 0.55:
+                r.pages.extend(next(next_page) for _ in range(rng.randint(2, 80)))
+            elif roll < 0.56 and r.pages:  # shorter without a version bump: rebuilt, not kept
+                del r.pages[rng.randrange(len(r.pages)) :]
+                shrunk += 1
+        table = builder.build(running)
+        np.testing.assert_array_equal(table, rebuilt(running))
+        assert builder.rows_kept == len(running) - shrunk

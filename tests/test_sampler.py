@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from pipeline_infer.request import Request
 from pipeline_infer.sampler import Sampler, SamplingBatchInfo
 from pipeline_infer.sampling_params import SamplingParams
 
@@ -211,3 +214,69 @@ def test_candidate_truncation_equals_full_sort(monkeypatch, candidates):
     full = Sampler._truncate(probs, info)
     monkeypatch.setattr(sampler_mod, "_TOP_CANDIDATES", candidates)
     torch.testing.assert_close(Sampler._truncate(probs, info), full, rtol=0, atol=0)
+
+
+def _assert_same_info(a: SamplingBatchInfo, b: SamplingBatchInfo) -> None:
+    for f in dataclasses.fields(SamplingBatchInfo):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            assert x is not None and y is not None and torch.equal(x, y), f.name
+        else:
+            assert x == y, f.name
+
+
+def _argmax_only(reqs) -> bool:
+    """The model runner's test for SamplingBatchInfo.build's fast path."""
+    return all(len(r.output_ids) >= r.argmax_from for r in reqs)
+
+
+def test_argmax_only_fast_path_equals_the_general_path():
+    """Request.argmax_from marks the rows that need nothing but argmax; a batch of only such rows
+    takes SamplingBatchInfo.build's fast path, which must give what the general path gives, and
+    any other row (mixed into the batch) must send the batch down the general path."""
+    eos = frozenset({5})
+    kinds = {  # params -> whether a row is a bare argmax once min_new_tokens (if any) is reached
+        "greedy": (dict(temperature=0), True),
+        "top_k_1": (dict(temperature=1.3, top_k=1), True),
+        "greedy_stop_ids": (dict(temperature=0, stop_token_ids=[3]), True),
+        "greedy_empty_bias": (dict(temperature=0, logit_bias={}), True),
+        "greedy_min_new": (dict(temperature=0, min_new_tokens=2, stop_token_ids=[3]), True),
+        "greedy_min_new_ignore_eos": (dict(temperature=0, min_new_tokens=2, ignore_eos=True), True),
+        "sampled": (dict(temperature=0.7, top_p=0.9), False),
+        "greedy_bias": (dict(temperature=0, logit_bias={"4": 3.0}), False),
+        "greedy_penalty": (dict(temperature=0, repetition_penalty=1.2), False),
+        "greedy_min_new_never_reached": (dict(temperature=0, min_new_tokens=9, max_new_tokens=20), True),
+    }
+    rows = []
+    for name, (kw, plain) in kinds.items():
+        for n_out in range(4):
+            r = Request(f"{name}-{n_out}", [0, 1], _sp(**kw), eos_token_ids=eos)
+            r.output_ids = [1] * n_out
+            assert (len(r.output_ids) >= r.argmax_from) == (plain and n_out >= r.params.min_new_tokens), r.rid
+            rows.append(r)
+    logits = torch.randn(len(rows), V)
+    logits[:, 5] += 4.0  # the eos the min_new_tokens rows must not take yet
+
+    def build(reqs, argmax_only):
+        return SamplingBatchInfo.build(
+            params=[r.params for r in reqs], prompt_ids=[r.prompt_ids for r in reqs],
+            output_ids=[r.output_ids for r in reqs], seeds=[None] * len(reqs), vocab_size=V,
+            device=torch.device("cpu"), eos_token_ids=eos, steps=[len(r.output_ids) for r in reqs],
+            argmax_only=argmax_only)
+
+    plain = [r for r in rows if _argmax_only([r])]
+    assert _argmax_only(plain) and len(plain) == 20
+    _assert_same_info(build(plain, True), build(plain, False))
+    # Crossing min_new_tokens: banned (a bias) one step, a bare argmax the next.
+    before, after = (r for r in rows if r.rid in ("greedy_min_new-1", "greedy_min_new-2"))
+    assert not _argmax_only([before]) and build([before], False).bias[0, 5] == float("-inf")
+    assert _argmax_only([after]) and build([after], False).bias is None
+    # Any non-plain row in the batch: the general path, whose result the batch's rows then get.
+    torch.manual_seed(0)
+    mixed = Sampler()(logits, build(rows, _argmax_only(rows)))
+    assert not _argmax_only(rows)
+    torch.manual_seed(0)
+    assert torch.equal(mixed, Sampler()(logits, build(rows, False)))
+    plain_rows = [i for i, r in enumerate(rows) if _argmax_only([r])]
+    assert torch.equal(mixed[plain_rows], logits[plain_rows].argmax(-1))
+    assert (mixed[[i for i, r in enumerate(rows) if r.rid == "greedy_min_new-0"]] != 5).all()
