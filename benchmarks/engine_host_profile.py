@@ -1,0 +1,95 @@
+"""The engine's host work per step, on the CPU, with a model too small to matter (issue 6).
+
+Runs the real Engine (scheduler, model runner, sampler, engine thread, sync front end) on a
+1-layer Qwen2-shaped model with hidden size 64 and random weights, `--requests` greedy requests
+decoding together (256: a GPU engine's full batch), and prints the step timing summary:
+schedule / build / post seconds are the host work a GPU step must hide (the overlap schedule
+hides it only while it is shorter than the device step). On the CPU "forward" also holds the
+tiny model and the CPU attention backend's planning, which have no GPU counterpart.
+With --profile, a cProfile table of the engine thread (top functions by own time).
+
+    python benchmarks/engine_host_profile.py [--requests 256] [--new-tokens 300] [--repeats 3] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipeline_infer import Engine  # noqa: E402
+from pipeline_infer import engine_core  # noqa: E402
+
+TINY_QWEN2 = dict(
+    architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=2000, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, torch_dtype="float32",
+)
+
+
+def run_once(model_dir: str, requests: int, prompt_len: int, new_tokens: int, prof: cProfile.Profile | None) -> dict:
+    loop = engine_core.EngineCore._loop
+
+    def profiled_loop(self, *a, **k):  # cProfile sees only the thread that enables it
+        prof.enable()
+        try:
+            return loop(self, *a, **k)
+        finally:
+            prof.disable()
+
+    if prof is not None:
+        engine_core.EngineCore._loop = profiled_loop
+    try:
+        llm = Engine(model_dir, load_format="dummy", device="cpu", max_running_requests=requests,
+                     enable_step_timing=True, random_seed=0)
+        rng = np.random.default_rng(0)
+        ids = [rng.integers(10, TINY_QWEN2["vocab_size"] - 10, prompt_len).tolist() for _ in range(requests)]
+        llm.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True})
+        summary = llm.step_timing_summary()
+        llm.shutdown()
+    finally:
+        engine_core.EngineCore._loop = loop
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=100)
+    ap.add_argument("--new-tokens", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="cProfile the engine thread of the last run")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # host work is one Python thread; keep torch's pool out of the way
+    model_dir = tempfile.mkdtemp()
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(TINY_QWEN2, f)
+    runs = []
+    for i in range(args.repeats):
+        prof = cProfile.Profile() if args.profile and i == args.repeats - 1 else None
+        s = run_once(model_dir, args.requests, args.prompt_len, args.new_tokens, prof)
+        runs.append(s)
+        print(f"run {i + 1}: {s['steps']} steps, schedule {s['schedule_s']:.3f} s, build {s['build_s']:.3f} s, "
+              f"post {s['post_s']:.3f} s, forward {s['forward_s']:.3f} s, wall {s['wall_s']:.3f} s", flush=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in ("schedule_s", "build_s", "post_s", "forward_s", "wall_s")}
+    steps = runs[-1]["steps"]
+    host = med["schedule_s"] + med["build_s"] + med["post_s"]
+    print(f"median of {len(runs)}: schedule {med['schedule_s']:.3f} + build {med['build_s']:.3f} + post "
+          f"{med['post_s']:.3f} = {host:.3f} s host over {steps} steps ({host / steps * 1e3:.2f} ms a step); "
+          f"forward {med['forward_s']:.3f} s")
+    if prof is not None:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
