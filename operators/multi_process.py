@@ -171,17 +171,24 @@ class _Proc:
     buffer: bytes = b""
 
 
-def _start(index: int, count: int, gpu: str | None, spec: dict[str, Any]) -> _Proc:
+def _worker_env(gpu: str | None, count: int) -> dict[str, str]:
+    """The environment of one of `count` workers, pinned to `gpu` (None: a CPU worker)."""
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    # Workers share the cores: without a cap each would start a thread per core (torch's
-    # intra-op pool), and N pools of spinning threads slow every worker's host-side work,
-    # which on a GPU is the engine loop that feeds the device.
-    threads = str(max(1, (os.cpu_count() or 1) // count))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(name, threads)
+    # CPU workers share the cores: without a cap each would start a thread per core (torch's
+    # intra-op pool), and N pools of spinning threads slow them all. A GPU worker's engine
+    # runs torch on one host thread by itself (engine_setup.limit_host_threads).
+    if gpu is None:
+        threads = str(max(1, (os.cpu_count() or 1) // count))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _start(index: int, count: int, gpu: str | None, spec: dict[str, Any]) -> _Proc:
+    env = _worker_env(gpu, count)
     read_fd, write_fd = os.pipe()
     payload = pickle.dumps({**spec, "shard": (index, count)})
     try:

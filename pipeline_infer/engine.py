@@ -51,6 +51,7 @@ class Engine:
         self._scheduler = parts.scheduler
         self._prefix_cache = parts.prefix_cache
         self._core = parts.core
+        self._holds_thread_limit = parts.holds_host_thread_limit
         self._closed = False
         self._lock = threading.Lock()
         self._grammars = None  # structured.GrammarCache, made on the first constrained request
@@ -67,6 +68,10 @@ class Engine:
         # so the model's reference cycles, pinning device memory, can go (release collects).
         gc.unfreeze()
         self._runner.release()
+        if self._holds_thread_limit:
+            from pipeline_infer.engine_setup import release_host_threads
+
+            release_host_threads()
 
     def __enter__(self) -> "Engine":
         return self

@@ -156,6 +156,21 @@ def test_shutdown_returns_gpu_memory(checkpoints):
     assert after - before < 128 << 20, f"{(after - before) >> 20} MiB still allocated after shutdown"
 
 
+def test_cuda_engine_runs_torch_on_one_host_thread_and_gives_the_pool_back(checkpoints, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    directory, _ = checkpoints["llama"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    try:
+        with Engine(directory, device="cuda", cuda_graph_max_bs=8) as llm:
+            assert torch.get_num_threads() == 1
+            out = llm.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 4})
+            assert len(out["output_ids"]) == 4
+        assert torch.get_num_threads() == max(2, before)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_engine_behaviours_hold_on_gpu(checkpoints):
     """Streaming, radix on/off equality, preemption and n > 1 on the GPU path (Triton + graphs)."""
     directory, _ = checkpoints["qwen3"]
