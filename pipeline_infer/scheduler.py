@@ -560,9 +560,9 @@ class Scheduler:
         """The saved admission order minus the requests that left `waiting`, when it is exactly
         what a fresh ordering would give: no request entered `waiting` since (`_adds`), no
         removal could move a group (`_dequeue`), and no waiting request's cached prefix changed:
-        the tree lost no pages, and the waiting requests under a first page it grew under (the
-        only ones whose match can have grown: `grown_since`) re-probe to the lengths the order
-        used. Those are their memos: building the order probed every request it ranks, and each
+        the tree was not reset, and the waiting requests under a first page it changed under
+        (the only ones whose match can have changed: `changed_under_since`) re-probe to the
+        lengths the order used. Those are their memos: building the order probed every request it ranks, and each
         successful check re-probes the ones it looks at."""
         order = self._order
         if order is None or self._order_adds != self._adds:
@@ -570,12 +570,12 @@ class Scheduler:
             return None
         cache = self.prefix_cache
         if cache is not None:
-            grown = cache.grown_since(self._order_stamp)
-            if grown is None:
+            changed = cache.changed_under_since(self._order_stamp)
+            if changed is None:
                 self._order = None
                 return None
             firsts = self._waiting_firsts
-            for first in set(grown):
+            for first in set(changed):
                 for r in firsts.get(first, {}).values():
                     before = r.prefix_probe[2] if r.prefix_probe is not None else 0
                     if self._probe(r) != before:

@@ -606,20 +606,48 @@ def test_scheduler_does_not_evict_its_own_match():
 
 
 def test_changed_since_is_per_first_page():
-    """Growth under one first page leaves other sequences' memos valid; removal invalidates all."""
+    """Growth or eviction under one first page leaves other sequences' memos valid; reset invalidates all."""
     alloc, cache = make(num_pages=16, page_size=2)
     put(cache, [1, 1, 2, 2])
     s = cache.stamp()
     put(cache, [1, 1, 2, 2, 3, 3])  # grows under first page (1, 1)
     assert cache.changed_since(s, (1, 1)) and not cache.changed_since(s, (5, 5))
+    assert cache.changed_under_since(s) == [(1, 1)]
+    put(cache, [5, 5, 6, 6, 7, 7])
+    put(cache, [5, 5, 6, 6, 8, 8])  # (5, 5) -> (6, 6) -> {(7, 7), (8, 8)}
     s = cache.stamp()
     put(cache, [1, 1, 2, 2])  # nothing new: no change
-    assert not cache.changed_since(s, (1, 1))
-    cache.evict(1)
-    assert cache.changed_since(s, (5, 5)) and cache.changed_since(s, (1, 1))
+    assert not cache.changed_since(s, (1, 1)) and cache.changed_under_since(s) == []
+    cache.evict(1)  # the least recently used leaf: (3, 3) under (1, 1)
+    assert cache.changed_since(s, (1, 1)) and not cache.changed_since(s, (5, 5))
+    assert cache.match_len([1, 1, 2, 2, 3, 3]) == 4
+    s = cache.stamp()
+    cache.evict(2)  # (7, 7) then (8, 8): a deep leaf, its first page found through its parents
+    assert cache.changed_since(s, (5, 5)) and not cache.changed_since(s, (1, 1))
+    assert set(cache.changed_under_since(s)) == {(5, 5)}
     s = cache.stamp()
     cache.reset()
-    assert cache.changed_since(s, (1, 1))
+    assert cache.changed_since(s, (1, 1)) and cache.changed_since(s, (9, 9))
+    assert cache.changed_under_since(s) is None
+
+
+@pytest.mark.parametrize("bound", [65536, 4])
+def test_forgetting_old_changes_makes_every_older_memo_stale(monkeypatch, bound):
+    """The per-first-page table is bounded: past the bound it is cleared, and then every older
+    stamp must read as changed; below it, churn under other first pages leaves a memo valid."""
+    monkeypatch.setattr(RadixCache, "max_forgotten_first_pages", bound)
+    alloc, cache = make(num_pages=8, page_size=2)
+    put(cache, [1, 1])
+    kept = cache.match_prefix([1, 1]).node
+    cache.lock(kept)  # (1, 1) stays while other first pages come and go
+    s = cache.stamp()
+    for k in range(10, 40):
+        put(cache, [k, k])
+        assert cache.evict(1) == 1
+    assert cache.match_len([1, 1]) == 2
+    assert cache.changed_since(s, (1, 1)) == (bound == 4)
+    assert len(cache._changed_epoch) <= 4 * len(cache.root.children) + bound + 1
+    cache.unlock(kept)
 
 
 @pytest.mark.parametrize("policy", ["lpm", "batch", "auto"])

@@ -34,11 +34,14 @@ evictable leaves keyed by their last access.
 Change stamps (for callers that memoize `match_len`)
 ----------------------------------------------------
 `stamp()` names the tree's current content. `match_len(ids)` can only have changed since a
-stamp when `changed_since(stamp, ids[:page_size])` says so: an insert that adds pages bumps
-the stamp of the top-level edge (first page) it grew under; anything that removes pages
-(`evict`, `reset`) bumps a global stamp. So a scheduler re-probes only the waiting requests
-whose first page gained cached pages, instead of the whole queue every step; `grown_since`
-lists those first pages, so it can even tell that no waiting request's match changed.
+stamp when `changed_since(stamp, ids[:page_size])` says so: an insert that adds pages, and an
+eviction that removes some, bump the stamp of the top-level edge (first page) they changed
+under; only `reset` bumps a global stamp. So a scheduler re-probes only the waiting requests
+whose first page gained or lost cached pages, instead of the whole queue every step;
+`changed_under_since` lists those first pages, so it can even tell that no waiting request's
+match changed. Evictions must stay per first page: once the KV pool is full, a long batch job
+evicts on almost every step, and a global stamp made the scheduler re-probe its whole waiting
+window (1,024 requests) each time, ~10 ms a step (docs/benchmarks.md, "Scheduler with a full pool").
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class InsertResult:
 
 
 class RadixCache:
+    max_forgotten_first_pages = 65536  # see _changed
+
     def __init__(self, allocator: PageAllocator, page_size: int):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -90,10 +95,10 @@ class RadixCache:
         self._clock = 0
         self._seq = itertools.count()
         self._epoch = 0  # bumped by every content change; see "Change stamps"
-        self._removed_epoch = 0  # epoch of the last removal of pages (evict / reset)
-        self._grown_epoch: dict[tuple[int, ...], int] = {}  # first page -> epoch of its last growth
-        self._growth_log: list[tuple[int, tuple[int, ...]]] = []  # (epoch, first page), oldest first
-        self._log_start = 0  # growth at or before this epoch may be missing from the log
+        self._reset_epoch = 0  # every memo older than this is stale (reset, or forgotten first pages)
+        self._changed_epoch: dict[tuple[int, ...], int] = {}  # first page -> epoch of its last change
+        self._change_log: list[tuple[int, tuple[int, ...]]] = []  # (epoch, first page), oldest first
+        self._log_start = 0  # changes at or before this epoch may be missing from the log
         self._init_tree()
 
     def _init_tree(self) -> None:
@@ -196,13 +201,7 @@ class RadixCache:
                 self._total_pages += n - i
                 self._num_nodes += 1
                 self._push(leaf)
-                self._epoch += 1
-                first = tuple(token_ids[:ps])
-                self._grown_epoch[first] = self._epoch
-                self._growth_log.append((self._epoch, first))
-                if len(self._growth_log) > 4096:  # bounded: callers that fall behind re-probe
-                    self._log_start = self._growth_log[2047][0]
-                    del self._growth_log[:2048]
+                self._changed(tuple(token_ids[:ps]))
                 path.extend(leaf.pages)
                 return InsertResult(duplicates, leaf, path)
             m = self._common_pages(child, token_ids, i, n)
@@ -254,7 +253,7 @@ class RadixCache:
             access, _, node = heapq.heappop(self._heap)
             if not self._evictable_leaf(node) or access != node.last_access:
                 continue  # stale entry
-            self._removed()
+            self._changed(self._first_page(node))
             keep = len(node.pages) - (num_pages - freed)
             if keep > 0:  # trim the tail; node stays an evictable leaf with the same access
                 ps = self.page_size
@@ -266,8 +265,6 @@ class RadixCache:
                 break
             parent = node.parent
             del parent.children[node.key[: self.page_size]]
-            if parent is self.root:
-                self._grown_epoch.pop(node.key[: self.page_size], None)  # covered by the removal stamp
             self.allocator.free(node.pages)
             freed += len(node.pages)
             self._total_pages -= len(node.pages)
@@ -282,10 +279,7 @@ class RadixCache:
         """Drop the whole tree, freeing its pages. No node may be locked."""
         if self._locked_pages:
             raise RuntimeError(f"reset of the radix cache while {self._locked_pages} pages are locked")
-        self._removed()
-        self._grown_epoch.clear()  # covered by the removal stamp
-        self._growth_log.clear()
-        self._log_start = self._epoch
+        self._forget_changes()
         pages: list[int] = []
         for node in self._iter_nodes():
             pages.extend(node.pages)
@@ -301,24 +295,47 @@ class RadixCache:
     def changed_since(self, stamp: int, first_page: tuple[int, ...]) -> bool:
         """Whether match_len of a sequence starting with first_page (a page_size-tuple) may differ
         from its value when `stamp()` returned stamp. False means it is certainly the same."""
-        return self._removed_epoch > stamp or self._grown_epoch.get(first_page, -1) > stamp
+        return self._reset_epoch > stamp or self._changed_epoch.get(first_page, -1) > stamp
 
-    def grown_since(self, stamp: int) -> list[tuple[int, ...]] | None:
-        """First pages under which pages were added since `stamp()` returned stamp (repeats
-        possible), or None when that is unknown or pages were removed meanwhile (then any
-        match_len may have changed)."""
-        if self._removed_epoch > stamp or self._log_start > stamp:
+    def changed_under_since(self, stamp: int) -> list[tuple[int, ...]] | None:
+        """First pages under which pages were added or removed since `stamp()` returned stamp
+        (repeats possible), or None when that is unknown (a reset, or a log that has moved on):
+        then any match_len may have changed."""
+        if self._reset_epoch > stamp or self._log_start > stamp:
             return None
-        log, out = self._growth_log, []
+        log, out = self._change_log, []
         i = len(log) - 1
         while i >= 0 and log[i][0] > stamp:
             out.append(log[i][1])
             i -= 1
         return out
 
-    def _removed(self) -> None:
+    def _changed(self, first_page: tuple[int, ...]) -> None:
+        """Pages were added or removed under the top-level edge whose first page this is."""
         self._epoch += 1
-        self._removed_epoch = self._epoch
+        self._changed_epoch[first_page] = self._epoch
+        self._change_log.append((self._epoch, first_page))
+        if len(self._change_log) > 4096:  # bounded: callers that fall behind re-probe
+            self._log_start = self._change_log[2047][0]
+            del self._change_log[:2048]
+        # One entry per first page ever changed, including ones long gone from the tree: bounded
+        # by forgetting them all now and then, which makes every older memo stale (rare).
+        if len(self._changed_epoch) > 4 * len(self.root.children) + self.max_forgotten_first_pages:
+            self._forget_changes()
+
+    def _forget_changes(self) -> None:
+        self._epoch += 1
+        self._reset_epoch = self._epoch
+        self._changed_epoch.clear()
+        self._change_log.clear()
+        self._log_start = self._epoch
+
+    def _first_page(self, node: RadixNode) -> tuple[int, ...]:
+        """The first page of the top-level edge above node (node's own when it is one)."""
+        root = self.root
+        while node.parent is not root:
+            node = node.parent
+        return node.key[: self.page_size]
 
     # --- helpers --------------------------------------------------------------------------------
     def _iter_nodes(self) -> Iterator[RadixNode]:
