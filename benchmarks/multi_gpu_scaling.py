@@ -46,11 +46,12 @@ from offline_throughput import make_workload  # noqa: E402
 
 
 def write_workload(
-    directory: str, model: str, copies: int, num_prompts: int | None, files: int, max_new: int | None = None
+    directory: str, model: str, copies: int, num_prompts: int | None, files: int, max_new: int | None = None,
+    workload: str = "random",
 ) -> tuple[int, int]:
     """The workload as `files` Parquet files (row, input_ids, params); returns (rows, output tokens)."""
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
-    base = make_workload("random", vocab, num_prompts)
+    base = make_workload(workload, vocab, num_prompts)
     if max_new is not None:
         base = [(ids, min(o, max_new)) for ids, o in base]
     lo, hi = 1000, vocab - 1000

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline_infer.operators import files as fio
 from pipeline_infer.operators.progress import JobProgress
-from pipeline_infer.operators.stream import WorkItem, concat, run_window
+from pipeline_infer.operators.stream import DEFAULT_WINDOW, WorkItem, concat, run_window
 
 logger = logging.getLogger("pipeline_infer.operators")
 
@@ -75,7 +75,7 @@ def run_job(
     output: str,
     *,
     batch_size: int = 256,
-    window: int = 2,
+    window: int = DEFAULT_WINDOW,
     rows_per_part: int = 10_000,
     resume: bool = True,
     limit: int | None = None,

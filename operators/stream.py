@@ -20,6 +20,14 @@ import pyarrow as pa
 from pipeline_infer.operators.batch_io import BatchView
 from pipeline_infer.operators.rows import Prepared
 
+# Batches in flight. The engine must always have rows queued behind the ones it runs, or each
+# step runs fewer rows than it could: with 2 batches of 256 (the old default) a GPU engine
+# (256 running) was short of work between batches. Items can also be smaller than batch_size
+# (a part or file boundary cuts them). 8 keeps ~2,000 rows queued; the scheduler's cost per
+# step no longer grows with the queue (Scheduler._pull_in). Measured with a stub device, the
+# "random" workload, 2,000 rows in 125-row items: 4,171 steps at window 2, 2,567 at 8 (all rows
+# submitted at once: 2,563). See docs/benchmarks.md, "File job: rows in flight".
+DEFAULT_WINDOW = 8
 
 @dataclass
 class WorkItem:
@@ -31,7 +39,7 @@ class WorkItem:
     tag: Any = None  # the caller's bookkeeping, returned untouched
 
 
-def run_window(op: Any, items: Iterable[WorkItem], window: int = 2) -> Iterator[tuple[WorkItem, pa.Table | None, Prepared | None]]:
+def run_window(op: Any, items: Iterable[WorkItem], window: int = DEFAULT_WINDOW) -> Iterator[tuple[WorkItem, pa.Table | None, Prepared | None]]:
     """(item, output table with the input columns plus the new ones, its Prepared), in order."""
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window must be an int >= 1 (batches in flight), got {window!r}")
@@ -107,7 +115,7 @@ def stream_generate(
     batches: Iterable[pa.RecordBatch | pa.Table],
     *,
     batch_size: int = 256,
-    window: int = 2,
+    window: int = DEFAULT_WINDOW,
     on_batch: Callable[[Prepared], None] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Run `op` over a stream of Arrow batches; yield record batches (input + new columns).

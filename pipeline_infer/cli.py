@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--on-error", choices=("column", "raise"), default="column",
                      help="bad rows: message in the error column (default) or stop the job")
     out.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="rows per engine call")
-    out.add_argument("--window", type=_positive_int, default=2, metavar="N", help="batches in flight (default 2)")
+    out.add_argument("--window", type=_positive_int, default=None, metavar="N",
+                     help="batches in flight (default 8: enough queued rows to keep a GPU engine's batch full)")
     out.add_argument("--num-gpus", type=_positive_int, default=None, metavar="N",
                      help="engine processes, one per GPU, over disjoint parts (default: every visible GPU; "
                           "1 process on a machine without GPUs, where N > 1 runs N CPU processes)")
@@ -183,7 +184,7 @@ def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             args.input,
             args.output,
             batch_size=args.batch_size,
-            window=args.window,
+            **({"window": args.window} if args.window is not None else {}),  # else run_job's default
             rows_per_part=args.rows_per_part,
             resume=args.resume,
             limit=args.limit,

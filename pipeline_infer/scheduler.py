@@ -277,6 +277,11 @@ class Scheduler:
         self._order: list[Request] | None = None
         self._order_stamp = 0  # prefix cache stamp the order's cached lengths are valid at
         self._order_adds = -1  # self._adds when the order was built
+        # With more than _POLICY_WINDOW waiting, the order ranks only the first _POLICY_WINDOW (the
+        # "ranked" part); admissions pull later arrivals into the window (`_pull_in`).
+        self._order_ranked: set[int] | None = None  # ids of the ranked part; None: all ranked
+        self._order_ranked_left = 0  # of those, still waiting (they lead `waiting`)
+        self._order_floor: int | None = None  # the ranked part's lowest rank key (None: no bound)
         self._adds = 0  # requests that entered `waiting` so far (new or retracted)
         self._waiting_firsts: dict[tuple[int, ...], dict[int, Request]] = {}  # first page -> waiting reqs by id
         self._waiting_groups: dict[tuple[int, ...], dict[int, Request]] = {}  # group key -> waiting reqs by id
@@ -523,6 +528,8 @@ class Scheduler:
         order of the rest as it was; removing one of several may move its group (best cached
         prefix, first arrival, recency), so the saved order is dropped unless `_keeps_rank`."""
         self.waiting.remove(req)
+        if self._order_ranked is not None and id(req) in self._order_ranked:
+            self._order_ranked_left -= 1
         first = tuple(req.token_ids[: self.page_size])
         members = self._waiting_firsts[first]
         del members[id(req)]
@@ -584,6 +591,9 @@ class Scheduler:
                         self._order = None
                         return None
             self._order_stamp = cache.stamp()  # verified up to now: the next check scans less
+        if self._order_ranked is not None and not self._pull_in():
+            self._order = None
+            return None
         waiting = RequestStatus.WAITING
         order = [r for r in order if r.status is waiting]
         if len(order) != len(self.waiting):  # belt and braces: someone changed `waiting` directly
@@ -612,11 +622,70 @@ class Scheduler:
             return list(self.waiting)
         stamp = self.prefix_cache.stamp() if self.prefix_cache is not None else 0
         order = self._fresh_order(cached)
-        if len(self.waiting) <= _POLICY_WINDOW:  # beyond the window, removals shift it: no reuse
-            self._order, self._order_stamp, self._order_adds = list(order), stamp, self._adds
-        else:
-            self._order = None
+        self._order, self._order_stamp, self._order_adds = list(order), stamp, self._adds
+        self._order_ranked = None
+        if len(self.waiting) > _POLICY_WINDOW:
+            ranked = order[:_POLICY_WINDOW]
+            self._order_ranked = {id(r) for r in ranked}
+            self._order_ranked_left = len(ranked)
+            self._order_floor = self._rank_floor(ranked, cached)
         return order
+
+    def _rank_key(self, req: Request, cached: int) -> int:
+        """Where req would rank as the only waiting member of its group: lpm ranks by cached
+        prefix; batch (and auto's batch jobs) by its group's best cached prefix, then recency
+        (`_batch_order`'s key)."""
+        if self.schedule_policy == "lpm":
+            return cached
+        return cached << 40 | (self._group_recency.get(self._group_key(req), -1) + 1)
+
+    def _rank_floor(self, ranked: list[Request], cached: dict[int, int]) -> int | None:
+        """The lowest rank key in a freshly ranked window: its last request's (lpm), or its last
+        group's (batch / auto: the best cached prefix of the group's members in the window).
+        None when the ranked part has nothing a later arrival must rank behind."""
+        policy = self.schedule_policy
+        tail = [r for r in ranked if not r.num_retractions and (policy != "auto" or r.batch_job)]
+        if not tail:
+            return None
+        last = tail[-1]
+        if policy == "lpm":
+            return cached[id(last)]
+        key = self._group_key(last)
+        best = 0
+        for r in reversed(tail):
+            if self._group_key(r) != key:
+                break
+            best = max(best, cached.get(id(r), 0))
+        return self._rank_key(last, best)
+
+    def _pull_in(self) -> bool:
+        """Admissions left room in the policy window: the waiting requests that now enter it
+        (the earliest arrivals behind the ranked part) must rank exactly where the saved order
+        has them, at the window's end in arrival order. That holds when each is a batch job
+        (under auto) alone in its group (batch / auto), and their rank keys do not rise from
+        the window's lowest on. Then they join the ranked part; otherwise the order must go."""
+        waiting = self.waiting
+        end = min(_POLICY_WINDOW, len(waiting))
+        start = self._order_ranked_left
+        if start >= end:
+            return True
+        policy = self.schedule_policy
+        floor = self._order_floor
+        ranked = self._order_ranked
+        for r in itertools.islice(waiting, start, end):
+            if policy != "lpm":
+                if policy == "auto" and not r.batch_job:
+                    return False
+                if len(self._waiting_groups[self._group_key(r)]) != 1:
+                    return False
+            key = self._rank_key(r, self._probe(r))
+            if floor is not None and key > floor:
+                return False
+            floor = key
+            ranked.add(id(r))
+        self._order_floor = floor
+        self._order_ranked_left = end
+        return True
 
     def _fresh_order(self, cached: dict[int, int]) -> list[Request]:
         policy = self.schedule_policy

@@ -687,10 +687,15 @@ def test_scheduler_prefix_memo_matches_tree(policy):
 
 @pytest.mark.parametrize("policy", ["lpm", "batch", "auto"])
 @pytest.mark.parametrize("tight", [False, True])
-def test_reused_admission_order_equals_fresh_order(policy, tight):
+@pytest.mark.parametrize("window", [None, 6])
+def test_reused_admission_order_equals_fresh_order(policy, tight, window, monkeypatch):
     """The scheduler reuses its last lpm / batch / auto order across steps when nothing it depends
-    on changed (`Scheduler._reuse_order`); at every step that order must equal a fresh one."""
+    on changed (`Scheduler._reuse_order`); at every step that order must equal a fresh one. With a
+    policy window of 6 most of the queue waits beyond it and admissions pull requests in."""
     from test_scheduler import expected_output
+
+    if window is not None:
+        monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", window)
 
     page_size = 4
     alloc, cache, sched, runner = _scheduler_setup(
@@ -738,12 +743,70 @@ def test_reused_admission_order_equals_fresh_order(policy, tight):
         assert r.output_ids == expected_output(r.prompt_ids, 10), r.rid
 
 
+@pytest.mark.parametrize("policy", ["lpm", "batch", "auto"])
+def test_order_is_reused_beyond_the_policy_window(policy, monkeypatch):
+    """A deep queue of distinct prompts (a long batch job): admissions pull the next arrivals into
+    the policy window, and they rank at its end, so the order is kept rather than rebuilt every
+    step; every order still equals a fresh one, through eviction (a pool that fills)."""
+    from test_scheduler import expected_output
+
+    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", 8)
+    ps = 4
+    alloc, cache, sched, runner = _scheduler_setup(
+        ps, 160 // ps, max_running_requests=3, chunked_prefill_size=32, schedule_policy=policy
+    )
+    rng = random.Random(11)
+    reqs = [_req(f"r{i}", [rng.randrange(1, 1000) for _ in range(rng.randint(5, 20))], 6) for i in range(40)]
+    for r in reqs:
+        r.batch_job = True
+        sched.add(r)
+    stats = _check_orders(sched)
+    while sched.has_work:
+        batch = sched.schedule()
+        sched.commit(batch, runner.run(batch))
+    assert cache.total_pages > 0 and alloc.num_free < 10  # the pool filled: eviction ran
+    # Orders built afresh: the first, one after each pool-bound retraction at most, and (batch,
+    # auto) one when the group recency table passes 4 windows (32 admissions) and is cleared.
+    assert stats["calls"] - stats["reused"] <= 2 + sched.num_retractions, stats
+    assert stats["reused"] > 10, stats
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 6), r.rid
+
+
+@pytest.mark.parametrize("policy", ["batch", "auto"])
+def test_pulled_in_request_of_a_ranked_group_rebuilds_the_order(policy, monkeypatch):
+    """B2 enters the window after an admission, and its group (same first 64 tokens) already has
+    B1 ranked there: a fresh order puts B2 next to B1, not at the window's end, so the saved order
+    must not be kept."""
+    from test_scheduler import expected_output
+
+    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", 4)
+    alloc, cache, sched, runner = _scheduler_setup(4, 400, max_running_requests=1, chunked_prefill_size=256,
+                                                   schedule_policy=policy)
+    rng = random.Random(2)
+    rand = lambda n: [rng.randrange(1, 1000) for _ in range(n)]  # noqa: E731
+    shared = rand(64)
+    prompts = {"A": rand(70), "B1": shared + rand(6), "C": rand(70), "D": rand(70), "B2": shared + rand(6)}
+    reqs = [_req(k, p, 3) for k, p in prompts.items()]
+    for r in reqs:
+        r.batch_job = True
+        sched.add(r)
+    stats = _check_orders(sched)
+    while sched.has_work:
+        batch = sched.schedule()
+        sched.commit(batch, runner.run(batch))
+    assert stats["calls"] > 0
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 3), r.rid
+
+
 def _check_orders(sched):
     """Wrap sched._ordered_waiting: every order it returns must equal a fresh one. Returns a
     counter of the orders that were reused."""
-    original, stats = sched._ordered_waiting, {"reused": 0}
+    original, stats = sched._ordered_waiting, {"reused": 0, "calls": 0}
 
     def checked(cached):
+        stats["calls"] += 1
         stats["reused"] += sched._reuse_order() is not None
         order = original(cached)
         assert [r.rid for r in order] == [r.rid for r in sched._fresh_order({})]
