@@ -136,6 +136,7 @@ class Engine:
                 )
             if self._prefix_cache is not None:
                 self._prefix_cache.reset()
+                s.prefix_cache_flushed()
 
         self._core.call(flush)
 

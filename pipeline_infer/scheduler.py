@@ -517,6 +517,15 @@ class Scheduler:
             self._last_group = self._group_key(req)
         return True, reserved + self._future_pages(req)
 
+    def prefix_cache_flushed(self) -> None:
+        """The prefix cache was emptied (an idle engine's flush_cache): no group's prefix is hot
+        any more, so the batch order's group recency goes too. Kept, it would rank a resubmitted
+        prompt's group by an admission from before the flush, and (being a rank above the
+        window's floor) stop every admission from keeping the order (`_pull_in`)."""
+        self._group_recency.clear()
+        self._last_group = None
+        self._order = None
+
     # --- waiting-queue bookkeeping (for _reuse_order) ---------------------------------------
     def _enqueued(self, req: Request) -> None:
         self._adds += 1

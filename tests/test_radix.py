@@ -800,6 +800,39 @@ def test_pulled_in_request_of_a_ranked_group_rebuilds_the_order(policy, monkeypa
         assert r.output_ids == expected_output(r.prompt_ids, 3), r.rid
 
 
+def test_flushed_cache_schedules_a_resubmitted_batch_like_a_fresh_engine():
+    """After the prefix cache is flushed, the same batch submitted again is admitted in the same
+    order as the first time: the batch order's group recency (which groups were admitted last)
+    goes with the cache (`Scheduler.prefix_cache_flushed`), as Engine.flush_cache does."""
+    from test_scheduler import run_all
+
+    rng = random.Random(9)
+    heads = [[rng.randrange(1, 1000) for _ in range(64)] for _ in range(6)]
+    prompts = [heads[i % 6] + [rng.randrange(1, 1000) for _ in range(rng.randint(2, 9))] for i in range(30)]
+    rng.shuffle(prompts)
+    alloc, cache, sched, runner = _scheduler_setup(4, 2000, max_running_requests=2, chunked_prefill_size=64,
+                                                   schedule_policy="batch")
+
+    def admission_order() -> list[int]:
+        reqs = [_req(f"r{i}", p, 2) for i, p in enumerate(prompts)]
+        for r in reqs:
+            r.batch_job = True
+            sched.add(r)
+        seen: list[int] = []
+        while sched.has_work:
+            batch = sched.schedule()
+            for c in batch.chunks:  # first appearance: the admission
+                if int(c.req.rid[1:]) not in seen:
+                    seen.append(int(c.req.rid[1:]))
+            sched.commit(batch, runner.run(batch))
+        return seen
+
+    first = admission_order()
+    cache.reset()
+    sched.prefix_cache_flushed()
+    assert admission_order() == first
+
+
 def _check_orders(sched):
     """Wrap sched._ordered_waiting: every order it returns must equal a fresh one. Returns a
     counter of the orders that were reused."""
