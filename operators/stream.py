@@ -25,8 +25,8 @@ from pipeline_infer.operators.rows import Prepared
 # (256 running) was short of work between batches. Items can also be smaller than batch_size
 # (a part or file boundary cuts them). 8 keeps ~2,000 rows queued; the scheduler's cost per
 # step no longer grows with the queue (Scheduler._pull_in). Measured with a stub device, the
-# "random" workload, 2,000 rows in 125-row items: 4,171 steps at window 2, 2,567 at 8 (all rows
-# submitted at once: 2,563). See docs/benchmarks.md, "File job: rows in flight".
+# "random" workload, 2,000 rows in 125-row items: 4,215 steps at window 2, 2,611 at 8 (all rows
+# in one generate: 2,637). docs/benchmarks.md, "CPU: the file job against a stub device".
 DEFAULT_WINDOW = 8
 
 @dataclass

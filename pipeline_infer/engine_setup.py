@@ -212,8 +212,8 @@ def limit_host_threads(device: torch.device) -> bool:
     A GPU engine's host work is one Python thread feeding the device, and its CPU tensors are
     tiny. A pool of one torch thread per core only costs it: on the H200 host (32 cores) the
     decode-heavy workload's steps took 2.57 ms with the default pool, host-bound, and 1.88 ms
-    (device-bound) with one thread (docs/benchmarks.md, "Host threads"). As vLLM does for its
-    workers, an OMP_NUM_THREADS the user set wins.
+    (device-bound) with one thread (docs/benchmarks.md, "Torch's CPU thread pool made decode
+    steps host-bound"). As vLLM does for its workers, an OMP_NUM_THREADS the user set wins.
     """
     if device.type != "cuda" or os.environ.get("OMP_NUM_THREADS"):
         return False

@@ -41,7 +41,7 @@ whose first page gained or lost cached pages, instead of the whole queue every s
 `changed_under_since` lists those first pages, so it can even tell that no waiting request's
 match changed. Evictions must stay per first page: once the KV pool is full, a long batch job
 evicts on almost every step, and a global stamp made the scheduler re-probe its whole waiting
-window (1,024 requests) each time, ~10 ms a step (docs/benchmarks.md, "Scheduler with a full pool").
+window (up to 1,024 requests) each time (docs/benchmarks.md, "One engine slowed down as it aged").
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""One engine, one file job after another: does the job's rate hold up as the engine ages? (issue 9)
+
+Writes the "random" workload (`--copies` copies, ids shifted per copy so no prompts share a
+prefix) as Parquet, builds one GenerateOp (its engine starts once, on a warm-up of 256 rows),
+then runs `operators.run_job` over the whole input once per entry of `--windows`, in this
+process, timing each; then the same job in a fresh process (start-up included), the way
+`pipeline-infer generate` runs it. A job that is slower the second time over the same rows,
+on the same engine, points at state that grows with the engine's age (the KV pool filling, the
+prefix cache evicting, queues and tables that grow); docs/benchmarks.md has the run that found
+one.
+
+    python benchmarks/job_rate_over_time.py --model benchmarks/configs/qwen2.5-0.5b --copies 8 \
+        [--windows 2,4,8,2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from multi_gpu_scaling import read_rows, write_workload  # noqa: E402
+
+_FRESH = (
+    "import json, sys, time; t = time.perf_counter(); "
+    "from pipeline_infer.operators import GenerateOp, run_job; "
+    "op = GenerateOp(input_ids_column='input_ids', sampling_params_column='params', model=sys.argv[1], "
+    "engine_options=json.loads(sys.argv[2]), output_ids=True); "
+    "run_job(op, sys.argv[3], sys.argv[4], window=int(sys.argv[5]), progress=False, resume=False); "
+    "print(time.perf_counter() - t)"
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="directory with config.json (random weights are used)")
+    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--files", type=int, default=16)
+    ap.add_argument("--windows", default="2,4,8,2", help="one in-process job per entry, in order")
+    ap.add_argument("--fresh-window", type=int, default=2, help="window of the fresh-process job (0: skip it)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from pipeline_infer.operators import GenerateOp, run_job
+
+    options = {"load_format": "dummy", "random_seed": 0}
+    if torch.cuda.is_available():
+        options["attention_backend"] = "triton"
+    work = tempfile.mkdtemp(prefix="job-age-")
+    inp = os.path.join(work, "in")
+    os.makedirs(inp)
+    rows, out_tokens = write_workload(inp, args.model, args.copies, None, args.files)
+    print(f"{rows} rows, {out_tokens} output tokens", flush=True)
+    op = GenerateOp(input_ids_column="input_ids", sampling_params_column="params", model=args.model,
+                    engine_options=options, output_ids=True)
+    t = time.perf_counter()
+    run_job(op, inp, os.path.join(work, "warm-up"), limit=256, progress=False, resume=False)
+    print(f"engine start-up + 256 rows: {time.perf_counter() - t:.1f} s", flush=True)
+    results = []
+    for k, w in enumerate(int(x) for x in args.windows.split(",")):
+        out = os.path.join(work, f"out-{k}")
+        t = time.perf_counter()
+        run_job(op, inp, out, window=w, progress=False, resume=False)
+        s = time.perf_counter() - t
+        assert len(read_rows(out)) == rows
+        results.append({"job": k, "process": "same", "window": w, "wall_s": round(s, 2),
+                        "output_tok_s": round(out_tokens / s)})
+        print(f"job {k} (same process), window {w}: {s:.1f} s, {out_tokens / s:,.0f} output tok/s", flush=True)
+    if args.fresh_window:
+        out = os.path.join(work, "out-fresh")
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", _FRESH, os.path.abspath(args.model), json.dumps(options), inp,
+                               out, str(args.fresh_window)], capture_output=True, text=True, check=True)
+        s = time.perf_counter() - t
+        assert len(read_rows(out)) == rows
+        inside = float(proc.stdout.strip().splitlines()[-1])
+        results.append({"job": len(results), "process": "fresh", "window": args.fresh_window, "wall_s": round(s, 2),
+                        "inside_s": round(inside, 2)})
+        print(f"fresh process, window {args.fresh_window}: {s:.1f} s with start-up ({inside:.1f} s inside)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "output_tokens": out_tokens, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
