@@ -757,13 +757,7 @@ def test_order_is_reused_beyond_the_policy_window(policy, monkeypatch):
     )
     rng = random.Random(11)
     reqs = [_req(f"r{i}", [rng.randrange(1, 1000) for _ in range(rng.randint(5, 20))], 6) for i in range(40)]
-    for r in reqs:
-        r.batch_job = True
-        sched.add(r)
-    stats = _check_orders(sched)
-    while sched.has_work:
-        batch = sched.schedule()
-        sched.commit(batch, runner.run(batch))
+    stats = _run_batch_checked(sched, runner, reqs)
     assert cache.total_pages > 0 and alloc.num_free < 10  # the pool filled: eviction ran
     # Orders built afresh: the first, one after each pool-bound retraction at most, and (batch,
     # auto) one when the group recency table passes 4 windows (32 admissions) and is cleared.
@@ -788,13 +782,7 @@ def test_pulled_in_request_of_a_ranked_group_rebuilds_the_order(policy, monkeypa
     shared = rand(64)
     prompts = {"A": rand(70), "B1": shared + rand(6), "C": rand(70), "D": rand(70), "B2": shared + rand(6)}
     reqs = [_req(k, p, 3) for k, p in prompts.items()]
-    for r in reqs:
-        r.batch_job = True
-        sched.add(r)
-    stats = _check_orders(sched)
-    while sched.has_work:
-        batch = sched.schedule()
-        sched.commit(batch, runner.run(batch))
+    stats = _run_batch_checked(sched, runner, reqs)
     assert stats["calls"] > 0
     for r in reqs:
         assert r.output_ids == expected_output(r.prompt_ids, 3), r.rid
@@ -831,6 +819,19 @@ def test_flushed_cache_schedules_a_resubmitted_batch_like_a_fresh_engine():
     cache.reset()
     sched.prefix_cache_flushed()
     assert admission_order() == first
+
+
+def _run_batch_checked(sched, runner, reqs) -> dict:
+    """Submit reqs as one batch job and run them to the end, every admission order checked
+    against a fresh one (`_check_orders`); returns its counters."""
+    for r in reqs:
+        r.batch_job = True
+        sched.add(r)
+    stats = _check_orders(sched)
+    while sched.has_work:
+        batch = sched.schedule()
+        sched.commit(batch, runner.run(batch))
+    return stats
 
 
 def _check_orders(sched):
