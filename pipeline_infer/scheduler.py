@@ -537,7 +537,9 @@ class Scheduler:
         order of the rest as it was; removing one of several may move its group (best cached
         prefix, first arrival, recency), so the saved order is dropped unless `_keeps_rank`."""
         self.waiting.remove(req)
-        if self._order_ranked is not None and id(req) in self._order_ranked:
+        ranked = self._order_ranked
+        if ranked is not None and id(req) in ranked:
+            ranked.discard(id(req))  # ids are reused once a request is gone
             self._order_ranked_left -= 1
         first = tuple(req.token_ids[: self.page_size])
         members = self._waiting_firsts[first]
@@ -578,8 +580,10 @@ class Scheduler:
         removal could move a group (`_dequeue`), and no waiting request's cached prefix changed:
         the tree was not reset, and the waiting requests under a first page it changed under
         (the only ones whose match can have changed: `changed_under_since`) re-probe to the
-        lengths the order used. Those are their memos: building the order probed every request it ranks, and each
-        successful check re-probes the ones it looks at."""
+        lengths the order used. Those are their memos: building the order probed every request
+        it ranks, and each successful check re-probes the ones it looks at. With more than
+        _POLICY_WINDOW waiting, the requests that admissions brought into the window must also
+        rank at its end (`_pull_in`)."""
         order = self._order
         if order is None or self._order_adds != self._adds:
             self._order = None
