@@ -47,7 +47,11 @@ from typing import Any
 logger = logging.getLogger("pipeline_infer.operators")
 
 DEFAULT_BATCH_SIZE = 256  # rows per Ray batch when the engine's running-request limit is unknown or smaller
-DEFAULT_BATCHES_IN_FLIGHT = 2
+# Batches each actor's engine runs at once. With 2 batches of 256 rows a GPU engine (256 running)
+# runs short of rows at every batch's tail: 10% more steps than all rows at once, against none
+# from 3 on (benchmarks/job_stub_device.py --files 2, the file job's window, same mechanism;
+# docs/benchmarks.md, "CPU: the file job against a stub device").
+DEFAULT_BATCHES_IN_FLIGHT = 4
 
 
 class GenerateActor:
