@@ -821,6 +821,74 @@ def test_flushed_cache_schedules_a_resubmitted_batch_like_a_fresh_engine():
     assert admission_order() == first
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_kept_orders_equal_fresh_ones_on_random_queues(seed, monkeypatch):
+    """Random mixes (policy, window, memory, shared heads, single and batch submissions, late
+    arrivals): whenever the scheduler keeps its order, beyond the window or not, it equals a
+    fresh one."""
+    from test_scheduler import expected_output
+
+    rng = random.Random(seed)
+    policy = rng.choice(["lpm", "batch", "auto"])
+    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", rng.randint(2, 10))
+    ps = rng.choice([1, 4])
+    alloc, cache, sched, runner = _scheduler_setup(
+        ps, rng.choice([120, 400, 2000]) // ps, max_running_requests=rng.randint(1, 4),
+        chunked_prefill_size=rng.choice([16, 64]), conservativeness=0.05, schedule_policy=policy,
+    )
+    heads = [[rng.randrange(1, 1000) for _ in range(rng.randint(4, 70))] for _ in range(4)]
+
+    def make(i):
+        head = rng.choice(heads)[: rng.randint(0, 70)] if rng.random() < 0.6 else []
+        r = _req(f"r{i}", head + [rng.randrange(1, 1000) for _ in range(rng.randint(1, 8))], rng.randint(1, 6))
+        r.batch_job = rng.random() < 0.8
+        return r
+
+    reqs = [make(i) for i in range(rng.randint(10, 40))]
+    late = [make(len(reqs) + i) for i in range(rng.randint(0, 10))]
+    for r in reqs:
+        sched.add(r)
+    stats = _check_orders(sched)
+    step = 0
+    while sched.has_work or late:
+        if step == 7:
+            for r in late:
+                sched.add(r)
+            reqs += late
+            late = []
+        batch = sched.schedule()
+        if batch is not None:
+            sched.commit(batch, runner.run(batch))
+        step += 1
+        assert step < 10_000
+    assert stats["calls"] > 0
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, r.params.max_new_tokens), r.rid
+
+
+def test_requests_pulled_in_together_must_rank_in_arrival_order(monkeypatch):
+    """lpm, a window of 2: A and B (8 cached tokens) are ranked; once they leave, C (nothing
+    cached) and then D (4 cached) enter. Both rank below the window's lowest, but a fresh order
+    puts D before C, so the order kept so far must go."""
+    from test_scheduler import expected_output
+
+    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", 2)
+    alloc, cache, sched, runner = _scheduler_setup(4, 200, max_running_requests=2, chunked_prefill_size=64,
+                                                   schedule_policy="lpm")
+    from test_scheduler import run_all
+
+    p8, p4 = [11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24]
+    for i, warm in enumerate([p8 + [9], p4 + [9]]):  # their KV lands in the tree
+        sched.add(_req(f"warm{i}", warm, 1))
+    run_all(sched, runner)
+    reqs = [_req("A", p8 + [1, 2], 3), _req("B", p8 + [3, 4], 3), _req("C", [31, 32, 33, 34, 35], 3),
+            _req("D", p4 + [5, 6], 3)]
+    stats = _run_batch_checked(sched, runner, reqs)
+    assert stats["calls"] > 1
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 3), r.rid
+
+
 def _run_batch_checked(sched, runner, reqs) -> dict:
     """Submit reqs as one batch job and run them to the end, every admission order checked
     against a fresh one (`_check_orders`); returns its counters."""
