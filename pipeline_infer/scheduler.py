@@ -99,6 +99,13 @@ _PACK_LOOKAHEAD = 64
 _HOLD_MIN_TOKENS = 32
 
 
+def _group_rank(best_cached: int, last_admission: int) -> int:
+    """The "batch" order's key for a group, higher first: its longest cached prefix, then its
+    last admission (-1: none). One formula for `_batch_order` and `_pull_in`, whose exactness
+    depends on ranking a pulled-in request exactly as a fresh order would."""
+    return best_cached << 40 | (last_admission + 1)
+
+
 class PrefixCache(Protocol):
     """What the scheduler needs from cache/radix.py (kept abstract so it stays testable)."""
 
@@ -650,7 +657,7 @@ class Scheduler:
         (`_batch_order`'s key)."""
         if self.schedule_policy == "lpm":
             return cached
-        return cached << 40 | (self._group_recency.get(self._group_key(req), -1) + 1)
+        return _group_rank(cached, self._group_recency.get(self._group_key(req), -1))
 
     def _rank_floor(self, ranked: list[Request], cached: dict[int, int]) -> int | None:
         """The lowest rank key in a freshly ranked window: its last request's (lpm), or its last
@@ -743,7 +750,7 @@ class Scheduler:
         # (finish the group in progress while its prefix is hot), then first arrival (dicts
         # keep insertion order and sorted() is stable).
         # One int key (best, then recency) and a reverse sort, which Python keeps stable.
-        ordered = sorted(groups, key=lambda k: best[k] << 40 | (recent.get(k, -1) + 1), reverse=True)
+        ordered = sorted(groups, key=lambda k: _group_rank(best[k], recent.get(k, -1)), reverse=True)
         out: list[Request] = []
         for key in ordered:
             g = groups[key]
