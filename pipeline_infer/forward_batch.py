@@ -47,3 +47,14 @@ class ForwardBatch:
     @property
     def is_decode(self) -> bool:
         return all(e == 1 for e in self.extend_lens)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step's host-built tensor on the device. On CUDA through pinned memory: a copy from
+    pageable memory goes through the driver's staging buffers and can make the host wait for
+    the device, which stalls the overlap schedule (the next step's host work waits for this
+    one's GPU work); a pinned copy is queued and returns, and torch keeps the pinned block
+    until the copy has run."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

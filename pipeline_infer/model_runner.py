@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
-from pipeline_infer.forward_batch import ForwardBatch
+from pipeline_infer.forward_batch import ForwardBatch, to_device
 from pipeline_infer.page_table import PageTableBuilder
 from pipeline_infer.request import PLACEHOLDER
 from pipeline_infer.sampler import Sampler, SamplingBatchInfo
@@ -245,7 +245,7 @@ class ModelRunner:
         page_table = self.page_tables.build([c.req for c in batch.chunks])
         # Two host-to-device copies a step: the four int64 columns in one buffer, the table.
         n = len(ids)
-        columns = self._upload(torch.tensor(ids + positions + slots + logits_rows, dtype=torch.long))
+        columns = to_device(torch.tensor(ids + positions + slots + logits_rows, dtype=torch.long), self.device)
         input_ids, positions_dev, slots_dev, logits_dev = columns.split([n, n, n, len(logits_rows)])
         if fill_rows:
             input_ids = self._fill_in_flight(input_ids, fill_rows, fill_from)
@@ -254,23 +254,13 @@ class ModelRunner:
             positions=positions_dev,
             extend_lens=[c.length for c in batch.chunks],
             prefix_lens=[c.start for c in batch.chunks],
-            page_table=self._upload(torch.from_numpy(page_table)),
+            page_table=to_device(torch.from_numpy(page_table), self.device),
             page_table_host=page_table,
             out_cache_loc=slots_dev,
             logits_indices=logits_dev,
             attn_backend=self.attn_backend,
         )
         return fb
-
-    def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device. On CUDA through pinned memory: a copy from pageable memory
-        goes through the driver's staging buffers and can make the host wait for the device,
-        which stalls the overlap schedule (the next step's host work waits for this one's GPU
-        work); a pinned copy is queued and returns, and torch keeps the pinned block until the
-        copy has run."""
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _fill_in_flight(self, input_ids: torch.Tensor, rows: list[int], sources: list[int]) -> torch.Tensor:
         """Put the previous step's samples (on the device, not yet on the host) into input_ids."""
@@ -279,7 +269,7 @@ class ModelRunner:
         n = len(rows)
         if n == input_ids.shape[0] and n == prev.shape[0] and rows == sources == list(range(n)):
             return prev  # the usual decode step: same requests, same order
-        index = self._upload(torch.tensor(rows + sources, dtype=torch.long))
+        index = to_device(torch.tensor(rows + sources, dtype=torch.long), self.device)
         input_ids[index[:n]] = prev[index[n:]]
         return input_ids
 
