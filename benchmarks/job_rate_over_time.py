@@ -16,6 +16,7 @@ one.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -37,6 +38,52 @@ _FRESH = (
 )
 
 
+class JobProbe:
+    """--breakdown: what one job did inside the engine (step timing, engine counters), how long
+    the cyclic GC stopped the process, and where the engine thread and this (caller) thread
+    spent their time."""
+
+    def __init__(self, model: str, options: dict):
+        from pipeline_infer.operators.engine_pool import get_engine
+        from thread_sampler import ThreadSampler
+
+        self.engine = get_engine(model, options)
+        self.samplers = [ThreadSampler("pipeline-infer-engine", 0.005), ThreadSampler("MainThread", 0.005)]
+        self.gc_pauses: list[tuple[int, float]] = []
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t = time.perf_counter()
+        else:
+            self.gc_pauses.append((info["generation"], time.perf_counter() - self._gc_t))
+
+    def start(self) -> None:
+        self.engine.step_timing_summary(reset=True)
+        self.info0 = self.engine.get_server_info()
+        self.gc_pauses.clear()
+        for s in self.samplers:
+            s.start()
+
+    def stop(self, wall_s: float) -> dict:
+        from offline_throughput import print_breakdown
+
+        for s in self.samplers:
+            s.stop()
+        b = self.engine.step_timing_summary(reset=True)
+        info = self.engine.get_server_info()
+        counters = {k: info[k] - self.info0[k] for k in ("num_steps", "num_generated_tokens", "num_retractions")}
+        gen2 = [p for g, p in self.gc_pauses if g == 2]
+        gc_s = {"all_s": round(sum(p for _, p in self.gc_pauses), 3), "gen2_count": len(gen2),
+                "gen2_s": round(sum(gen2), 3), "gen2_max_s": round(max(gen2, default=0.0), 3)}
+        print_breakdown(b, wall_s)
+        print(f"  engine: {counters}; GC pauses: {gc_s}")
+        for s in self.samplers:
+            print(s.report())
+        return {"steps": b, "counters": counters, "gc": gc_s,
+                "samples": {s.thread_name: dict(s.counts.most_common(30)) for s in self.samplers}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="directory with config.json (random weights are used)")
@@ -45,6 +92,9 @@ def main() -> None:
     ap.add_argument("--windows", default="2,4,8,2", help="one in-process job per entry, in order")
     ap.add_argument("--fresh-window", type=int, default=2, help="window of the fresh-process job (0: skip it)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="per job: the engine's step timing, GC pauses, and where the engine and caller threads spent "
+                         "their time (sampled)")
     args = ap.parse_args()
 
     import torch
@@ -54,6 +104,8 @@ def main() -> None:
     options = {"load_format": "dummy", "random_seed": 0}
     if torch.cuda.is_available():
         options["attention_backend"] = "triton"
+    if args.breakdown:
+        options["enable_step_timing"] = True
     work = tempfile.mkdtemp(prefix="job-age-")
     inp = os.path.join(work, "in")
     os.makedirs(inp)
@@ -64,12 +116,17 @@ def main() -> None:
     t = time.perf_counter()
     run_job(op, inp, os.path.join(work, "warm-up"), limit=256, progress=False, resume=False)
     print(f"engine start-up + 256 rows: {time.perf_counter() - t:.1f} s", flush=True)
+    probe = JobProbe(args.model, options) if args.breakdown else None
     results = []
     for k, w in enumerate(int(x) for x in args.windows.split(",")):
         out = os.path.join(work, f"out-{k}")
+        if probe:
+            probe.start()
         t = time.perf_counter()
         run_job(op, inp, out, window=w, progress=False, resume=False)
         s = time.perf_counter() - t
+        if probe:
+            results.append({"job": k, "breakdown": probe.stop(s)})
         assert len(read_rows(out)) == rows
         results.append({"job": k, "process": "same", "window": w, "wall_s": round(s, 2),
                         "output_tok_s": round(out_tokens / s)})

@@ -64,7 +64,9 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
 
     max_running = cfg.max_running_requests or (256 if device.type == "cuda" else 64)
     backend = cfg.attention_backend or _default_backend(device, hf_config, cfg.page_size, dtype)
-    if backend != "torch" and device.type != "cuda":
+    # Triton's interpreter (TRITON_INTERPRET=1) runs its kernels on the CPU: slow, for tests.
+    triton_on_cpu = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if backend != "torch" and device.type != "cuda" and not triton_on_cpu:
         raise ValueError(f"attention_backend={backend!r} needs a CUDA device; on the CPU use 'torch'")
     runner = ModelRunner(
         model,

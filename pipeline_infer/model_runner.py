@@ -17,6 +17,7 @@ import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch, to_device
+from pipeline_infer.device_page_table import DevicePageTable
 from pipeline_infer.page_table import PageTableBuilder
 from pipeline_infer.request import PLACEHOLDER
 from pipeline_infer.sampler import Sampler, SamplingBatchInfo
@@ -85,7 +86,12 @@ class ModelRunner:
         )
         self.attn_backend = self._make_backend(attention_backend)
         self.sampler = Sampler()
+        # The step's page table: kept on the device and updated for backends that read it only
+        # there (device_page_table.py), rebuilt on the host for those that plan from it.
         self.page_tables = PageTableBuilder()
+        self.device_tables = (
+            DevicePageTable(device) if getattr(self.attn_backend, "reads_page_table_on_device", False) else None
+        )
         self._prev_sampled: torch.Tensor | None = None  # the last launched step's samples (device)
         self.timer = None  # a step_timing.StepTimer when the engine was asked for step timing
         self.graph_runner = None
@@ -242,11 +248,23 @@ class ModelRunner:
                 logits_rows.append(len(ids) - 1)
                 req.sample_row = num_sampling  # where the next step finds this token on the device
                 num_sampling += 1
-        page_table = self.page_tables.build([c.req for c in batch.chunks])
-        # Two host-to-device copies a step: the four int64 columns in one buffer, the table.
+        reqs = [c.req for c in batch.chunks]
         n = len(ids)
-        columns = to_device(torch.tensor(ids + positions + slots + logits_rows, dtype=torch.long), self.device)
-        input_ids, positions_dev, slots_dev, logits_dev = columns.split([n, n, n, len(logits_rows)])
+        if self.device_tables is not None:
+            # One host-to-device copy a step: the four int64 columns and the page table's update.
+            update = self.device_tables.prepare(reqs)
+            columns = to_device(torch.tensor(ids + positions + slots + logits_rows + update.ints, dtype=torch.long),
+                                self.device)
+            input_ids, positions_dev, slots_dev, logits_dev, table_ints = columns.split(
+                [n, n, n, len(logits_rows), len(update.ints)]
+            )
+            page_table, page_table_host = self.device_tables.apply(update, table_ints), None
+        else:
+            # Two copies: the four int64 columns in one buffer, then the table built on the host.
+            page_table_host = self.page_tables.build(reqs)
+            columns = to_device(torch.tensor(ids + positions + slots + logits_rows, dtype=torch.long), self.device)
+            input_ids, positions_dev, slots_dev, logits_dev = columns.split([n, n, n, len(logits_rows)])
+            page_table = to_device(torch.from_numpy(page_table_host), self.device)
         if fill_rows:
             input_ids = self._fill_in_flight(input_ids, fill_rows, fill_from)
         fb = ForwardBatch(
@@ -254,8 +272,8 @@ class ModelRunner:
             positions=positions_dev,
             extend_lens=[c.length for c in batch.chunks],
             prefix_lens=[c.start for c in batch.chunks],
-            page_table=to_device(torch.from_numpy(page_table), self.device),
-            page_table_host=page_table,
+            page_table=page_table,
+            page_table_host=page_table_host,
             out_cache_loc=slots_dev,
             logits_indices=logits_dev,
             attn_backend=self.attn_backend,
@@ -373,6 +391,8 @@ class ModelRunner:
     def on_idle(self) -> None:
         """The engine has nothing to run: drop per-batch state kept from step to step."""
         self.page_tables.reset()
+        if self.device_tables is not None:
+            self.device_tables.reset()
         hook = getattr(self.attn_backend, "on_idle", None)
         if hook is not None:
             hook()

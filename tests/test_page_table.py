@@ -19,14 +19,14 @@ def rebuilt(reqs) -> np.ndarray:
     return table
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_patched_table_equals_rebuilt_table(seed):
+def random_batches(seed: int, steps: int = 300):
+    """A running batch over `steps` scheduler steps, yielded after each step's changes:
+    admissions, decodes, prefill chunks, prefix-cache page swaps, retractions, finishes and
+    re-orderings, at the rates the comments give. Shared with test_device_page_table.py."""
     rng = random.Random(seed)
     next_page = iter(range(1, 10**7))
-    builder = PageTableBuilder()
     running = []
-    kept = total = 0
-    for step in range(300):
+    for step in range(steps):
         for _ in range(rng.choice([0, 0, 0, 1, 3])):  # admissions: pages from a prefix match + new
             running.append(SimpleNamespace(rid=f"r{step}-{len(running)}", pages_version=1,
                                            pages=[next(next_page) for _ in range(rng.randint(0, 90))]))
@@ -47,8 +47,15 @@ def test_patched_table_equals_rebuilt_table(seed):
             running.pop(rng.randrange(len(running)))
         if rng.random() < 0.2:  # the scheduler's order changes
             rng.shuffle(running)
-        if not running:
-            continue
+        if running:
+            yield running
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_patched_table_equals_rebuilt_table(seed):
+    builder = PageTableBuilder()
+    kept = total = 0
+    for running in random_batches(seed):
         table = builder.build(running)
         assert table.dtype == np.int32 and table.flags["C_CONTIGUOUS"]
         np.testing.assert_array_equal(table, rebuilt(running))

@@ -152,3 +152,34 @@ def test_split_by_length_buckets_cover_rows_once():
     assert split_by_length([], [], []) == []
     # prefills (new tokens = sequence length) of very different lengths get buckets too
     assert len(split_by_length(list(range(8)), lens, lens)) > 1
+
+
+def test_additive_masks_reach_sdpa_in_the_query_dtype(monkeypatch):
+    """SDPA's cuDNN path (the default on Hopper) reads a float32 mask given with a bf16 query as
+    bf16 and attends wrongly without an error (pytorch/pytorch#191612; on an H200 every decode of
+    a bf16 engine on this backend went astray): every float mask must be in the query's dtype."""
+    from pipeline_infer.kernels.attention import select, torch_backend
+
+    seen = []
+    sdpa = torch_backend.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kw):
+        seen.append((q.dtype, None if attn_mask is None else attn_mask.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch_backend.F, "scaled_dot_product_attention", recording_sdpa)
+    hq, hkv, D = 4, 2, 16
+    pool = KVPool(2, 64, 4, hkv, D, torch.bfloat16, "cpu")
+    backend = TorchAttentionBackend(pool, hq, hkv, D)
+    # decodes of ragged lengths (padded: a mask) and extends with a cached prefix (a mask)
+    batch = select._batch(pool, [5, 30, 11, 6], [1, 1, 4, 9], torch.Generator().manual_seed(0))
+    batch.attn_backend = backend
+    backend.plan(batch)
+    T = sum(batch.extend_lens)
+    for layer in range(2):
+        q = torch.randn(T, hq, D, dtype=torch.bfloat16)
+        kv = torch.randn(T, hkv, D, dtype=torch.bfloat16)
+        backend.forward(q, kv, kv, layer_id=layer, batch=batch, scale=D**-0.5)
+    masks = [m for _, m in seen if m is not None]
+    assert len(masks) >= 2 and all(m in (torch.bool, torch.bfloat16) for m in masks), seen
+    assert torch.bfloat16 in masks  # the decodes' additive mask, converted

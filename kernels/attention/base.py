@@ -17,6 +17,10 @@ Optionally a backend sets the class attribute `fuses_rope = True` and has
 rotary embedding and rotates them itself, e.g. in the same kernel that stores K/V (Triton:
 rope_store_kv). Callers go through `forward_with_rope` below, which falls back to rotating
 first and calling `forward` for backends without it.
+
+A backend that plans from `batch.page_table` alone (never `page_table_host`) sets the class
+attribute `reads_page_table_on_device = True`: the model runner then keeps the table on the
+device and leaves `page_table_host` None (pipeline_infer/device_page_table.py).
 """
 
 from __future__ import annotations

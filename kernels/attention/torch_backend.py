@@ -186,6 +186,12 @@ class TorchAttentionBackend:
         hq, hkv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
         for g in meta.groups:
             G, Q, K = g.num_seqs, g.q_len, g.kv_len
+            if g.mask is not None and g.mask.dtype != torch.bool and g.mask.dtype != q.dtype:
+                # Once a step (the first layer): an additive mask in the query's dtype. SDPA
+                # accepts a float32 mask with a bf16 query, but its cuDNN path (the default on
+                # Hopper) reads the mask as bf16 and attends wrongly, without an error
+                # (pytorch/pytorch#191612); 0 and -inf are exact in every float dtype.
+                g.mask = g.mask.to(q.dtype)
             if g.mirror is not None:  # decodes kept dense across steps: add this step's K/V
                 kn = k if g.token_index is None else k.index_select(0, g.token_index)
                 vn = v if g.token_index is None else v.index_select(0, g.token_index)

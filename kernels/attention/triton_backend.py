@@ -44,6 +44,9 @@ class TritonAttentionMetadata:
 class TritonAttentionBackend:
     # forward_with_rope rotates q/k itself, in the kernel that stores K/V (see base.py).
     fuses_rope = True
+    # plan() needs only batch.page_table on the device: the model runner may keep the table
+    # there and send each step's changes (pipeline_infer/device_page_table.py).
+    reads_page_table_on_device = True
 
     def __init__(
         self, kv_pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, num_sms: int | None = None
