@@ -9,6 +9,7 @@ tiny model and the CPU attention backend's planning, which have no GPU counterpa
 With --profile, a cProfile table of the engine thread (top functions by own time).
 
     python benchmarks/engine_host_profile.py [--requests 256] [--new-tokens 300] [--repeats 3] [--profile]
+        [--page-size 1] [--attention-backend torch|triton --stub-model]
 """
 
 from __future__ import annotations
@@ -37,7 +38,25 @@ TINY_QWEN2 = dict(
 )
 
 
-def run_once(model_dir: str, requests: int, prompt_len: int, new_tokens: int, prof: cProfile.Profile | None) -> dict:
+class HostOnlyModel(torch.nn.Module):
+    """--stub-model: the model's forward and logits as zeros of the right shapes, so a step is
+    its host work (schedule, build with the attention backend's plan, sampling set-up, post)
+    and a trivial "forward"; with the Triton backend this times the GPU path's build on the
+    CPU (its kernels never run)."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.hidden, self.vocab = hidden, vocab
+
+    def forward(self, fb):
+        return torch.zeros(fb.num_tokens, self.hidden)
+
+    def compute_logits(self, hidden):
+        return torch.zeros(hidden.shape[0], self.vocab)
+
+
+def run_once(model_dir: str, requests: int, prompt_len: int, new_tokens: int, prof: cProfile.Profile | None,
+             stub_model: bool = False, **engine_options) -> dict:
     loop = engine_core.EngineCore._loop
 
     def profiled_loop(self, *a, **k):  # cProfile sees only the thread that enables it
@@ -51,7 +70,9 @@ def run_once(model_dir: str, requests: int, prompt_len: int, new_tokens: int, pr
         engine_core.EngineCore._loop = profiled_loop
     try:
         llm = Engine(model_dir, load_format="dummy", device="cpu", max_running_requests=requests,
-                     enable_step_timing=True, random_seed=0)
+                     enable_step_timing=True, random_seed=0, **engine_options)
+        if stub_model:
+            llm._runner.model = HostOnlyModel(TINY_QWEN2["hidden_size"], TINY_QWEN2["vocab_size"])
         rng = np.random.default_rng(0)
         ids = [rng.integers(10, TINY_QWEN2["vocab_size"] - 10, prompt_len).tolist() for _ in range(requests)]
         llm.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True})
@@ -68,8 +89,17 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--page-size", type=int, default=1)
+    ap.add_argument("--attention-backend", default="torch",
+                    help="torch, or triton (needs --stub-model: on the CPU its kernels would run in Triton's "
+                         "interpreter, far too slowly); build then times the GPU path's host work")
+    ap.add_argument("--stub-model", action="store_true", help="zeros for hidden states and logits (HostOnlyModel)")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine thread of the last run")
     args = ap.parse_args()
+    if args.attention_backend == "triton":
+        if not args.stub_model:
+            raise SystemExit("--attention-backend triton needs --stub-model on the CPU")
+        os.environ["TRITON_INTERPRET"] = "1"  # lets the engine build a Triton backend on the CPU
     torch.set_num_threads(1)  # host work is one Python thread; keep torch's pool out of the way
     model_dir = tempfile.mkdtemp()
     with open(os.path.join(model_dir, "config.json"), "w") as f:
@@ -77,7 +107,8 @@ def main() -> None:
     runs = []
     for i in range(args.repeats):
         prof = cProfile.Profile() if args.profile and i == args.repeats - 1 else None
-        s = run_once(model_dir, args.requests, args.prompt_len, args.new_tokens, prof)
+        s = run_once(model_dir, args.requests, args.prompt_len, args.new_tokens, prof,
+                     stub_model=args.stub_model, page_size=args.page_size, attention_backend=args.attention_backend)
         runs.append(s)
         print(f"run {i + 1}: {s['steps']} steps, schedule {s['schedule_s']:.3f} s, build {s['build_s']:.3f} s, "
               f"post {s['post_s']:.3f} s, forward {s['forward_s']:.3f} s, wall {s['wall_s']:.3f} s", flush=True)

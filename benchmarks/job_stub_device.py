@@ -9,7 +9,7 @@ So the wall time is the device time of the steps run, plus whatever host work th
 schedule could not hide, and the step count shows how full the batches were: all rows
 submitted at once (`gen`) is the reference.
 
-    python benchmarks/job_stub_device.py [--rows 2000] [--files 16] [--step-ms 2] [--runs gen,2,8] [--json out.json]
+    python benchmarks/job_stub_device.py [--rows 2000] [--files 16] [--step-ms 2] [--runs gen,2,8] [--page-size 16] [--json out.json]
 
 Runs: `gen` (one Engine.generate over every row), or a window size N (run_job(window=N)).
 The workload is one of workloads.json ("random" by default) with the real vocabulary (ids
@@ -64,6 +64,23 @@ class StubDevice:
         pass
 
 
+def time_schedule(scheduler) -> list[float]:
+    """Wrap scheduler.schedule to add its wall time to the returned one-element list: the
+    scheduler's share of the host work, which the stub device cannot hide forever."""
+    total = [0.0]
+    schedule = scheduler.schedule
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return schedule(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - t
+
+    scheduler.schedule = timed
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "qwen2.5-0.5b"),
@@ -73,6 +90,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--step-ms", type=float, default=2.0)
     ap.add_argument("--pool-tokens", type=int, default=1_500_000)
+    ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--runs", default="gen,2,8", help="comma-separated: gen or a window size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -92,12 +110,13 @@ def main() -> None:
     rows, out_tokens = write_workload(inp, model, -(-args.rows // base), min(args.rows, base), args.files,
                                       workload=args.workload)
     options = {"load_format": "dummy", "skip_tokenizer_init": True, "device": "cpu", "random_seed": 0,
-               "page_size": 16, "max_running_requests": 256, "max_total_tokens": args.pool_tokens,
+               "page_size": args.page_size, "max_running_requests": 256, "max_total_tokens": args.pool_tokens,
                "disable_overlap_schedule": False}
     op = GenerateOp(input_ids_column="input_ids", sampling_params_column="params", model=model,
                     engine_options=options, output_ids=True)
     engine = op.engine
     engine._core.runner = StubDevice(args.step_ms / 1e3)  # between steps: the engine is idle
+    sched_s = time_schedule(engine._scheduler)
     import pyarrow.parquet as pq
 
     table = pq.read_table(inp)
@@ -106,24 +125,26 @@ def main() -> None:
     print(f"{rows} rows in {args.files} files, {out_tokens} output tokens, stub step {args.step_ms} ms")
     results = []
     for run in args.runs.split(","):
-        times, steps = [], []
+        times, steps, scheds = [], [], []
         for k in range(args.repeats):
             engine.flush_cache()
             s0, t = engine._core.num_steps, time.perf_counter()
+            sched_s[0] = 0.0
             if run == "gen":
                 engine.generate(input_ids=ids, sampling_params=params)
             else:
                 run_job(op, inp, os.path.join(work, f"out-{run}-{k}"), window=int(run), progress=False, resume=False)
             times.append(time.perf_counter() - t)
             steps.append(engine._core.num_steps - s0)
+            scheds.append(sched_s[0])
         wall, n = statistics.median(times), statistics.median(steps)
         r = {"run": run, "rows": rows, "files": args.files, "step_ms": args.step_ms, "wall_s": round(wall, 3),
              "walls": [round(x, 3) for x in times], "steps": n, "ms_per_step": round(wall / n * 1e3, 3),
-             "device_s": round(n * args.step_ms / 1e3, 3)}
+             "device_s": round(n * args.step_ms / 1e3, 3), "schedule_s": round(statistics.median(scheds), 3)}
         results.append(r)
         label = "all rows at once" if run == "gen" else f"file job, window {run}"
         print(f"{label:22} {wall:7.2f} s  {n:6d} steps  {r['ms_per_step']:.2f} ms/step  "
-              f"(device {r['device_s']:.2f} s; runs {r['walls']})", flush=True)
+              f"(device {r['device_s']:.2f} s; schedule() {r['schedule_s']:.2f} s; runs {r['walls']})", flush=True)
     engine.shutdown()
     if args.json:
         with open(args.json, "a") as f:
