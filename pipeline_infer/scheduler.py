@@ -284,6 +284,9 @@ class Scheduler:
         self._order: list[Request] | None = None
         self._order_stamp = 0  # prefix cache stamp the order's cached lengths are valid at
         self._order_adds = -1  # self._adds when the order was built
+        # Entries of the saved order that left `waiting` since (they stay in the list, skipped by
+        # admission, until they are half of it): no O(waiting) filtering at every admission step.
+        self._order_gone = 0
         # With more than _POLICY_WINDOW waiting, the order ranks only the first _POLICY_WINDOW (the
         # "ranked" part); admissions pull later arrivals into the window (`_pull_in`).
         self._order_ranked: set[int] | None = None  # ids of the ranked part; None: all ranked
@@ -454,9 +457,12 @@ class Scheduler:
         admitted: list[Request] = []
         deferred: list[Request] = []  # batch: would need chunking; gets what budget is left
         misses = 0
+        waiting = RequestStatus.WAITING
         for req in self._ordered_waiting(cached):
             if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
+            if req.status is not waiting:
+                continue  # left `waiting` after the saved order was made (_reuse_order)
             if self._held(req, cached):
                 self.num_held += 1
                 continue
@@ -544,6 +550,7 @@ class Scheduler:
         order of the rest as it was; removing one of several may move its group (best cached
         prefix, first arrival, recency), so the saved order is dropped unless `_keeps_rank`."""
         self.waiting.remove(req)
+        self._order_gone += 1  # (meaningful only while an order is saved: reset with each one)
         ranked = self._order_ranked
         if ranked is not None and id(req) in ranked:
             ranked.discard(id(req))  # ids are reused once a request is gone
@@ -614,20 +621,23 @@ class Scheduler:
         if self._order_ranked is not None and not self._pull_in():
             self._order = None
             return None
-        waiting = RequestStatus.WAITING
-        order = [r for r in order if r.status is waiting]
-        if len(order) != len(self.waiting):  # belt and braces: someone changed `waiting` directly
+        if len(order) - self._order_gone != len(self.waiting):  # belt and braces: `waiting` changed behind us
             self._order = None
             return None
-        self._order = order
-        return list(order)
+        if self._order_gone > len(order) // 2:
+            waiting = RequestStatus.WAITING
+            order = self._order = [r for r in order if r.status is waiting]
+            self._order_gone = 0
+        return order  # may hold requests that left `waiting`: _admit skips them
 
     def _is_batch_job(self, req: Request) -> bool:
         """Whether req is scheduled as a batch job: look past it when it does not fit, pack it."""
         return self.schedule_policy == "batch" or (self.schedule_policy == "auto" and req.batch_job)
 
     def _ordered_waiting(self, cached: dict[int, int]) -> list[Request]:
-        """Waiting requests in the order admission tries them (see the module docstring).
+        """Waiting requests in the order admission tries them (see the module docstring); a
+        reused order may also hold requests that have left `waiting` (skip them). Not a copy:
+        iterate it, do not change it.
 
         Retracted requests sit at the front of `waiting`, oldest first (`_retract` keeps them
         so); every policy tries them first.
@@ -643,6 +653,7 @@ class Scheduler:
         stamp = self.prefix_cache.stamp() if self.prefix_cache is not None else 0
         order = self._fresh_order(cached)
         self._order, self._order_stamp, self._order_adds = list(order), stamp, self._adds
+        self._order_gone = 0
         self._order_ranked = None
         if len(self.waiting) > _POLICY_WINDOW:
             ranked = order[:_POLICY_WINDOW]
