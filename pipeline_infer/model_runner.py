@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
-from pipeline_infer.forward_batch import ForwardBatch, to_device
+from pipeline_infer.forward_batch import ForwardBatch, ints_to_device, to_device
 from pipeline_infer.device_page_table import DevicePageTable
 from pipeline_infer.page_table import PageTableBuilder
 from pipeline_infer.request import PLACEHOLDER
@@ -253,8 +253,7 @@ class ModelRunner:
         if self.device_tables is not None:
             # One host-to-device copy a step: the four int64 columns and the page table's update.
             update = self.device_tables.prepare(reqs)
-            columns = to_device(torch.tensor(ids + positions + slots + logits_rows + update.ints, dtype=torch.long),
-                                self.device)
+            columns = ints_to_device(ids + positions + slots + logits_rows + update.ints, self.device)
             input_ids, positions_dev, slots_dev, logits_dev, table_ints = columns.split(
                 [n, n, n, len(logits_rows), len(update.ints)]
             )
@@ -262,7 +261,7 @@ class ModelRunner:
         else:
             # Two copies: the four int64 columns in one buffer, then the table built on the host.
             page_table_host = self.page_tables.build(reqs)
-            columns = to_device(torch.tensor(ids + positions + slots + logits_rows, dtype=torch.long), self.device)
+            columns = ints_to_device(ids + positions + slots + logits_rows, self.device)
             input_ids, positions_dev, slots_dev, logits_dev = columns.split([n, n, n, len(logits_rows)])
             page_table = to_device(torch.from_numpy(page_table_host), self.device)
         if fill_rows:
@@ -287,7 +286,7 @@ class ModelRunner:
         n = len(rows)
         if n == input_ids.shape[0] and n == prev.shape[0] and rows == sources == list(range(n)):
             return prev  # the usual decode step: same requests, same order
-        index = to_device(torch.tensor(rows + sources, dtype=torch.long), self.device)
+        index = ints_to_device(rows + sources, self.device)
         input_ids[index[:n]] = prev[index[n:]]
         return input_ids
 

@@ -38,6 +38,7 @@ def test_device_table_equals_rebuilt_table(seed):
         widest = max(widest, max(len(r.pages) for r in running))
     assert rewritten < 0.2 * total  # most rows only got their new pages
     assert widest > 256  # the device table grew its columns on the way
+    assert table.fast_steps > 0  # and steps of an unchanged batch took the same-batch path
 
 
 def test_a_decode_step_sends_the_order_and_one_write_per_new_page():
@@ -55,6 +56,33 @@ def test_a_decode_step_sends_the_order_and_one_write_per_new_page():
     for r in reqs[::2]:  # at a larger page size most decodes add no page
         r.pages.append(9)
     assert len(table.prepare(reqs).ints) == len(reqs) + 3 * 50
+
+
+def test_steps_of_the_same_batch_equal_rebuilt_tables():
+    """The same requests in the same order step after step (the usual decode step) take the
+    same-batch path while each gains at most one page; a step where one gains several, or one's
+    pages are replaced, takes the general path; every table equals the rebuilt one."""
+    rng = random.Random(7)
+    next_page = iter(range(1, 10**7))
+    reqs = [req(f"r{i}", [next(next_page) for _ in range(rng.randint(1, 300))]) for i in range(50)]
+    table = DevicePageTable(torch.device("cpu"))
+    step(table, reqs)
+    expected_fast = 0
+    for k in range(60):
+        general = False
+        for r in reqs:
+            if rng.random() < 0.5:
+                r.pages.append(next(next_page))
+        if k % 10 == 3:  # a prefill chunk's worth of pages
+            reqs[5].pages.extend(next(next_page) for _ in range(9))
+            general = True
+        if k % 10 == 7:  # pages swapped for the prefix cache's
+            reqs[9].pages[:3] = [next(next_page) for _ in range(3)]
+            reqs[9].pages_version += 1
+            general = True
+        np.testing.assert_array_equal(step(table, reqs), rebuilt(reqs))
+        expected_fast += not general
+    assert table.fast_steps == expected_fast
 
 
 def test_rows_grow_beyond_the_first_block_and_come_back():

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
-from pipeline_infer.forward_batch import ForwardBatch, to_device
+from pipeline_infer.forward_batch import ForwardBatch, ints_to_device
 from pipeline_infer.kernels.triton.decode_attention import choose_num_kv_splits, decode_attention, device_num_sms
 from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks, tokens_per_block
 from pipeline_infer.kernels.triton.rope_store_kv import rope_store_kv
@@ -218,4 +218,4 @@ def _planned(batch: ForwardBatch) -> TritonAttentionMetadata:
 
 
 def _int32_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    return to_device(torch.tensor(values, dtype=torch.int32), device)
+    return ints_to_device(values, device, torch.int32)
