@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
-from pipeline_infer.forward_batch import ForwardBatch, ints_to_device, to_device
 from pipeline_infer.device_page_table import DevicePageTable
+from pipeline_infer.forward_batch import ForwardBatch, ints_to_device, to_device
 from pipeline_infer.page_table import PageTableBuilder
 from pipeline_infer.request import PLACEHOLDER
 from pipeline_infer.sampler import Sampler, SamplingBatchInfo
