@@ -2,14 +2,16 @@
 
 page_table.py rebuilds a [batch, max pages] table on the host every step and uploads it
 whole: at page size 1 that is batch x longest sequence int32s (256 x 2,048: 2 MB) to zero,
-gather, copy to pinned memory and send, each step, 1.3-2 ms of host time for a 2-2.5 ms
-decode step on an H200 (measured in a file job, 2026-11-30). Here each request in flight
+gather, copy to pinned memory and send, each step (the builder alone: 1.3-2 ms on a 2-core
+CPU; in a file job on an H200 the device was busy only 57% of the step time, and this
+table took the job from 41.8k to 52.3k output tok/s: docs/benchmarks.md). Here each request in flight
 owns a row of a table that lives on the device; a step sends the page ids added since
 the request's last step (one per decode at page size 1, none at larger sizes most steps),
 whole rows only for requests that are new or whose pages were replaced (`pages_version`),
 and the rows' order; the device scatters the additions into its table and gathers the
 step's [batch, width] table from it. Host work per step is a few plain-int list operations
-per request, independent of sequence length.
+per request (whole-list ones for a step of the same requests as the last), independent of
+sequence length.
 
 The host side (`prepare`) and the device side (`apply`) are split so the model runner can
 send the update in the same host-to-device copy as the step's other int columns.
