@@ -4,6 +4,11 @@ cProfile sees only the thread that starts it and slows every call; this samples 
 thread's stack from another thread every `interval` seconds (sys._current_frames), so the
 engine runs at its own speed, and counts each sample's innermost frames of our code. Used by
 benchmarks/job_rate_over_time.py --breakdown to compare a young engine with an aged one.
+
+Bias: the sampler needs the GIL to read a stack, so it mostly samples the target while that
+thread has released the GIL (host-to-device copies, CUDA syncs, sleeps) or at a forced switch;
+pure-Python stretches such as the scheduler are underweighted. Use it to point, and the
+engine's step timing (Engine(enable_step_timing=True)) to measure.
 """
 
 from __future__ import annotations
