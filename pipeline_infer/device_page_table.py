@@ -81,14 +81,10 @@ class DevicePageTable:
         w_rows: list[int] = []
         w_cols: list[int] = []
         w_vals: list[int] = []
-        width = 1
         rewritten = 0
         row_of, req_at, version_at, count_at = self._row_of, self._req, self._version, self._count
-        for req, rid in zip(reqs, rids):
+        for req, rid, n in zip(reqs, rids, counts):
             pages = req.pages
-            n = len(pages)
-            if n > width:
-                width = n
             row = row_of.get(rid)
             if row is None or req_at[row] is not req:
                 row = self._take_row(rid, req)
@@ -112,7 +108,7 @@ class DevicePageTable:
             rows.append(row)
         self.rows_rewritten = rewritten
         self._remember(reqs, ids, rows, versions, counts)
-        return PageTableUpdate(rows + w_rows + w_cols + w_vals, len(rows), len(w_rows), width)
+        return PageTableUpdate(rows + w_rows + w_cols + w_vals, len(rows), len(w_rows), _width(counts))
 
     def _same_batch(self, reqs: list, counts: list[int]) -> PageTableUpdate | None:
         """The usual decode step: the last step's requests, in its order, pages only appended,
@@ -133,7 +129,7 @@ class DevicePageTable:
         self._last_counts = counts
         self.rows_rewritten = 0
         self.fast_steps += 1
-        return PageTableUpdate(rows + w_rows + w_cols + w_vals, len(rows), len(grew), max(max(counts, default=0), 1))
+        return PageTableUpdate(rows + w_rows + w_cols + w_vals, len(rows), len(grew), _width(counts))
 
     def _remember(self, reqs: list, ids: list[int], rows: list[int], versions: list[int], counts: list[int]) -> None:
         self._last_reqs, self._last_ids, self._last_rows = list(reqs), ids, rows
@@ -191,3 +187,8 @@ class DevicePageTable:
         table = torch.zeros((new_rows, new_cols), dtype=torch.int32, device=self.device)
         table[:rows, :cols] = self._table
         self._table = table
+
+
+def _width(counts: list[int]) -> int:
+    """The step table's width: the longest page list in the batch, at least 1."""
+    return max(max(counts, default=0), 1)

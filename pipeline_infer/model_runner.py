@@ -250,19 +250,18 @@ class ModelRunner:
                 num_sampling += 1
         reqs = [c.req for c in batch.chunks]
         n = len(ids)
-        if self.device_tables is not None:
-            # One host-to-device copy a step: the four int64 columns and the page table's update.
-            update = self.device_tables.prepare(reqs)
-            columns = ints_to_device(ids + positions + slots + logits_rows + update.ints, self.device)
-            input_ids, positions_dev, slots_dev, logits_dev, table_ints = columns.split(
-                [n, n, n, len(logits_rows), len(update.ints)]
-            )
-            page_table, page_table_host = self.device_tables.apply(update, table_ints), None
+        # One host-to-device copy for the four int64 columns and, with the device page table,
+        # its update; a table built on the host goes in a second copy.
+        update = self.device_tables.prepare(reqs) if self.device_tables is not None else None
+        table_ints = update.ints if update is not None else []
+        columns = ints_to_device(ids + positions + slots + logits_rows + table_ints, self.device)
+        input_ids, positions_dev, slots_dev, logits_dev, table_dev = columns.split(
+            [n, n, n, len(logits_rows), len(table_ints)]
+        )
+        if update is not None:
+            page_table, page_table_host = self.device_tables.apply(update, table_dev), None
         else:
-            # Two copies: the four int64 columns in one buffer, then the table built on the host.
             page_table_host = self.page_tables.build(reqs)
-            columns = ints_to_device(ids + positions + slots + logits_rows, self.device)
-            input_ids, positions_dev, slots_dev, logits_dev = columns.split([n, n, n, len(logits_rows)])
             page_table = to_device(torch.from_numpy(page_table_host), self.device)
         if fill_rows:
             input_ids = self._fill_in_flight(input_ids, fill_rows, fill_from)

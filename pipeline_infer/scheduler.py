@@ -887,8 +887,9 @@ class Scheduler:
         if short > 0 and self.prefix_cache is not None and self._evictable() >= short:
             # A full pool (the prefix cache holds the rest): one eviction for the whole step, and
             # as much again for the next, instead of one eviction per decode (at page size 1 with
-            # 256 decodes, 256 evictions a step: ~1 ms of host time on an H200's host). The extra
-            # pages are the least recently used, which the next steps would evict anyway.
+            # 256 decodes, 256 evictions a step: ~1 ms of host time a step on a 2-core CPU, most
+            # of schedule() in a file job with a stub device). The extra pages are the least
+            # recently used, which the next steps would evict anyway.
             self.prefix_cache.evict(short + len(needy))
         if len(needy) <= self.allocator.num_free:
             for req, page in zip(needy, self.allocator.alloc(len(needy))):
