@@ -43,11 +43,10 @@ class JobProbe:
     the cyclic GC stopped the process, and where the engine thread and this (caller) thread
     spent their time."""
 
-    def __init__(self, model: str, options: dict):
-        from pipeline_infer.operators.engine_pool import get_engine
+    def __init__(self, engine):
         from thread_sampler import ThreadSampler
 
-        self.engine = get_engine(model, options)
+        self.engine = engine
         self.samplers = [ThreadSampler("pipeline-infer-engine", 0.005), ThreadSampler("MainThread", 0.005)]
         self.gc_pauses: list[tuple[int, float]] = []
         gc.callbacks.append(self._on_gc)
@@ -116,7 +115,7 @@ def main() -> None:
     t = time.perf_counter()
     run_job(op, inp, os.path.join(work, "warm-up"), limit=256, progress=False, resume=False)
     print(f"engine start-up + 256 rows: {time.perf_counter() - t:.1f} s", flush=True)
-    probe = JobProbe(args.model, options) if args.breakdown else None
+    probe = JobProbe(op.engine) if args.breakdown else None
     results = []
     for k, w in enumerate(int(x) for x in args.windows.split(",")):
         out = os.path.join(work, f"out-{k}")
