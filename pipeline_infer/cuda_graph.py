@@ -48,6 +48,10 @@ def capture_graphs(
     stream = torch.cuda.Stream(device)
     for size in sorted(sizes, reverse=True):
         fb = make_batch(size)
+        # The static buffers were filled (zeros, metadata) by kernels on the current stream; the
+        # capture stream must not run ahead of them. Without this wait a second engine in one
+        # process read leftovers of the first's memory as page ids (an illegal address, H200).
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 forward(fb)
