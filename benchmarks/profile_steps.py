@@ -88,8 +88,20 @@ def main() -> None:
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--trace", default=None, help="folder for the profiler tables of one mixed step")
+    ap.add_argument("--graph-batches", default="256", help="decode batch sizes to time as CUDA-graph replays")
+    ap.add_argument("--context", type=int, default=700, help="cached tokens per sequence in the graph decode steps")
+    ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--no-decode-rope-fusion", action="store_true",
+        help="Triton backend: rotary + K/V store in their own kernel, not inside decode attention",
+    )
     args = ap.parse_args()
     from pipeline_infer import Engine
+
+    if args.no_decode_rope_fusion:
+        from pipeline_infer.kernels.attention.triton_backend import TritonAttentionBackend
+
+        TritonAttentionBackend.decode_rope_in_attention = False
 
     tmp = tempfile.mkdtemp()
     shutil.copy(os.path.join(args.model, "config.json"), tmp)
@@ -121,15 +133,18 @@ def main() -> None:
         h, d = time_step(eager(fb), args.repeats)
         results[name] = {"tokens": sum(ext), "host_ms": h, "device_ms": d}
         print(f"{name:<32} {sum(ext):>7} {h:>8.2f} {d:>10.2f}", flush=True)
-    if runner.graph_runner is not None:
-        fb = make_batch(runner, [1] * 256, [700] * 256)
+    for bs in [int(b) for b in args.graph_batches.split(",")] if runner.graph_runner is not None else []:
+        fb = make_batch(runner, [1] * bs, [args.context] * bs)
 
         def replay():
             with torch.inference_mode():
                 runner.graph_runner.replay(fb)
         h, d = time_step(replay, args.repeats)
-        results["decode 256 @ctx 700 (graph)"] = {"tokens": 256, "host_ms": h, "device_ms": d}
-        print(f"{'decode 256 @ctx 700 (graph)':<32} {256:>7} {h:>8.2f} {d:>10.2f}")
+        name = f"decode {bs} @ctx {args.context} (graph)"
+        results[name] = {"tokens": bs, "host_ms": h, "device_ms": d}
+        print(f"{name:<32} {bs:>7} {h:>8.2f} {d:>10.2f}", flush=True)
+    if args.json:
+        json.dump(results, open(args.json, "w"), indent=1)
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)
         from torch.profiler import ProfilerActivity, profile

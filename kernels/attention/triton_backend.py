@@ -5,7 +5,8 @@ forward; `forward` (once per layer) then only launches kernels: store_kv, then t
 kernel when every sequence adds one token, else the extend kernel (which also serves mixed
 prefill + decode batches). `forward_with_rope` takes q and k before the rotary embedding and
 replaces store_kv with rope_store_kv, one kernel that rotates q and k and stores k and v
-straight from their strided views of the fused qkv. Nothing in either copies from the device
+straight from their strided views of the fused qkv; in decode steps the decode kernel does
+that work itself, so a decode layer launches one attention kernel (two with KV splits). Nothing in either copies from the device
 to the host. For extend batches `plan` also builds the extend kernel's work list (one entry
 per block of new tokens), so a mixed batch launches only the blocks that hold tokens.
 """
@@ -19,7 +20,12 @@ import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
 from pipeline_infer.forward_batch import ForwardBatch, ints_to_device
-from pipeline_infer.kernels.triton.decode_attention import choose_num_kv_splits, decode_attention, device_num_sms
+from pipeline_infer.kernels.triton.decode_attention import (
+    DecodeRope,
+    choose_num_kv_splits,
+    decode_attention,
+    device_num_sms,
+)
 from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks, tokens_per_block
 from pipeline_infer.kernels.triton.rope_store_kv import rope_store_kv
 from pipeline_infer.kernels.triton.store_kv import store_kv
@@ -47,6 +53,9 @@ class TritonAttentionBackend:
     # plan() needs only batch.page_table on the device: the model runner may keep the table
     # there and send each step's changes (pipeline_infer/device_page_table.py).
     reads_page_table_on_device = True
+    # Decode steps rotate and store the new K/V inside the attention kernel (one launch a
+    # layer fewer than rope_store_kv + attention); an attribute so benchmarks can compare.
+    decode_rope_in_attention = True
 
     def __init__(
         self, kv_pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, num_sms: int | None = None
@@ -146,8 +155,17 @@ class TritonAttentionBackend:
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:  # [T, num_q_heads, head_dim]
-        """rotary(batch.positions, q, k), then forward; the rotation and the K/V store are one kernel."""
+        """rotary(batch.positions, q, k), then forward; the rotation and the K/V store are one kernel.
+
+        Decode steps do both inside the attention kernel itself (decode_rope_in_attention).
+        """
         md = _planned(batch)
+        if md.is_decode and self.decode_rope_in_attention:
+            rope = DecodeRope(k, v, batch.positions, rotary.cos_sin_cache, batch.out_cache_loc)
+            k_cache, v_cache = self.kv_pool.k_cache[layer_id], self.kv_pool.v_cache[layer_id]
+            return decode_attention(
+                q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits, rope=rope
+            )
         k_flat, v_flat = self.kv_pool.view_flat(layer_id)
         q = rope_store_kv(q, k, v, batch.positions, rotary.cos_sin_cache, k_flat, v_flat, batch.out_cache_loc)
         return self._attend(q, md, layer_id, scale)

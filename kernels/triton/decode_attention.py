@@ -6,9 +6,18 @@ split once and scores it against all the query heads of the kv head's GQA group 
 with the group size. It writes the split's normalised output and its log-sum-exp.
 Stage 2 merges the splits of each (sequence, query head). With one split, stage 1 writes
 the final output directly and stage 2 is skipped.
+
+With `rope` given (decode_attention's last argument), stage 1 also does the step's rotary
+embedding and K/V store, the work of rope_store_kv: each program rotates its group's queries
+as it loads them, and the program whose split holds the new token rotates that token's key,
+writes key and value to the token's cache slot, and only then reads its keys. That saves a
+kernel launch and a round trip of q through memory per layer and step (decode steps are
+~10 kernels a layer, and at small batches each costs more in launch gaps than in work).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,6 +43,11 @@ def _decode_split_kernel(
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_FP32: tl.constexpr,
+    # Fused rotary + K/V store (FUSE_ROPE): the new token's k/v rows, position, cache slot,
+    # and the [max_position, 2 * HALF] cos|sin table.
+    k_new_ptr, v_new_ptr, pos_ptr, loc_ptr, cos_sin_ptr,
+    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
+    FUSE_ROPE: tl.constexpr, HALF: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -50,10 +64,28 @@ def _decode_split_kernel(
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_h
     b64 = b.to(tl.int64)
-    q = tl.load(
-        q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=h_mask[:, None] & d_mask[None, :], other=0.0,
-    )
+    q_ptrs = q_ptr + b64 * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    if FUSE_ROPE:
+        pos = tl.load(pos_ptr + b64).to(tl.int64)
+        cos, sin, partner = _rope_factors(cos_sin_ptr + pos * stride_cs, offs_d, HALF)
+        q_pair = tl.load(q_ptrs + partner[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+        # Rounded to q's dtype, as rope_store_kv's separate q buffer would be.
+        q = _rotate(q, q_pair, cos, sin).to(q_ptr.dtype.element_ty)
+        last = seq_len - 1
+        if (last >= start) & (last < end):
+            # This split attends over the new token: put its key and value in the cache first.
+            slot = tl.load(loc_ptr + b64).to(tl.int64)
+            k_row = k_new_ptr + b64 * stride_knb + kvh * stride_knh
+            k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0)
+            k_pair = tl.load(k_row + partner, mask=d_mask, other=0.0)
+            k_dst = k_cache_ptr + (slot // PAGE_SIZE) * stride_kp + (slot % PAGE_SIZE) * stride_ko + kvh * stride_kh
+            tl.store(k_dst + offs_d, _rotate(k_new, k_pair, cos, sin).to(k_cache_ptr.dtype.element_ty), mask=d_mask)
+            v_new = tl.load(v_new_ptr + b64 * stride_vnb + kvh * stride_vnh + offs_d, mask=d_mask, other=0.0)
+            v_dst = v_cache_ptr + (slot // PAGE_SIZE) * stride_vp + (slot % PAGE_SIZE) * stride_vo + kvh * stride_vh
+            tl.store(v_dst + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
+        # The block's threads read what others of them just wrote: a barrier orders the two.
+        tl.debug_barrier()
     if DOT_FP32:
         q = q.to(tl.float32)
     else:
@@ -82,6 +114,29 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _rope_factors(cos_sin_row, offs_d, HALF: tl.constexpr):
+    """Per-dim cos, signed sin and partner dim of rotate-half rotary for one position.
+
+    rotated[d] = x[d] * cos[d] + x[partner[d]] * sin[d]: for d < HALF the partner is d + HALF
+    and sin is negated (x1 cos - x2 sin), for HALF <= d < 2 HALF it is d - HALF (x2 cos + x1
+    sin); dims past 2 HALF (partial rotary) pass through (cos 1, sin 0, partner d).
+    """
+    first = offs_d < HALF
+    rotated = offs_d < 2 * HALF
+    freq = tl.where(first, offs_d, offs_d - HALF)
+    cos = tl.load(cos_sin_row + freq, mask=rotated, other=1.0).to(tl.float32)
+    sin = tl.load(cos_sin_row + HALF + freq, mask=rotated, other=0.0).to(tl.float32)
+    sin = tl.where(first, -sin, sin)
+    partner = tl.where(first, offs_d + HALF, tl.where(rotated, offs_d - HALF, offs_d))
+    return cos, sin, partner
+
+
+@triton.jit
+def _rotate(x, x_pair, cos, sin):
+    return x.to(tl.float32) * cos + x_pair.to(tl.float32) * sin
+
+
+@triton.jit
 def _decode_merge_kernel(
     part_ptr, lse_ptr, out_ptr, num_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
@@ -105,6 +160,16 @@ def _decode_merge_kernel(
     den = tl.sum(w, 0)
     out = num / tl.where(den == 0.0, 1.0, den)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+class DecodeRope(NamedTuple):
+    """The step's rotary + K/V store, for decode_attention to do itself (see the module doc)."""
+
+    k: torch.Tensor  # [B, num_kv_heads, head_dim] new keys, not yet rotated; strided rows are fine
+    v: torch.Tensor  # [B, num_kv_heads, head_dim] new values
+    positions: torch.Tensor  # [B] int32/int64: the new token's position (seq_lens - 1)
+    cos_sin_cache: torch.Tensor  # [max_position, rotary_dim] fp32: cos half, then sin half
+    out_cache_loc: torch.Tensor  # [B] int32/int64: the new token's cache slot
 
 
 def choose_num_kv_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
@@ -134,8 +199,13 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    rope: DecodeRope | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over each sequence's first seq_lens[b] cached keys.
+
+    With `rope`, q is not yet rotated and the new token (key seq_lens[b] - 1) is not yet in
+    the cache: the kernel rotates q and rope.k by rope.positions and stores the rotated key and
+    rope.v at rope.out_cache_loc before attending, as rope_store_kv then this would.
 
     num_kv_splits=None picks it from the batch shape and page_table's width (an upper bound
     on the sequence length, so no device-to-host copy is needed). Returns `out`
@@ -143,12 +213,14 @@ def decode_attention(
     inner step), num_warps and num_stages are launch settings, exposed for tuning sweeps
     (benchmarks/attention_kernels.py --sweep); they do not change the result beyond rounding.
     """
-    check_launchable(_decode_split_kernel, q, k_cache, v_cache, page_table, seq_lens, out)
+    check_launchable(_decode_split_kernel, q, k_cache, v_cache, page_table, seq_lens, out, *(rope or ()))
     batch, num_q_heads, head_dim = _check_decode_args(q, k_cache, v_cache, page_table, seq_lens)
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    if rope is not None:
+        _check_rope_args(rope, batch, num_kv_heads, head_dim)
     group = num_q_heads // num_kv_heads
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous even when q is a view
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor with a contiguous last dim")
     if batch == 0:
@@ -177,6 +249,19 @@ def decode_attention(
         lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
         part_strides = (part.stride(0), part.stride(1), part.stride(2))
         lse_strides = (lse.stride(0), lse.stride(1))
+    if rope is None:
+        # Unused pointers and strides when FUSE_ROPE is off (any tensor will do).
+        rope_args = dict(
+            k_new_ptr=q, v_new_ptr=q, pos_ptr=seq_lens, loc_ptr=seq_lens, cos_sin_ptr=q,
+            stride_knb=0, stride_knh=0, stride_vnb=0, stride_vnh=0, stride_cs=0, FUSE_ROPE=False, HALF=0,
+        )
+    else:
+        rope_args = dict(
+            k_new_ptr=rope.k, v_new_ptr=rope.v, pos_ptr=rope.positions, loc_ptr=rope.out_cache_loc,
+            cos_sin_ptr=rope.cos_sin_cache, stride_knb=rope.k.stride(0), stride_knh=rope.k.stride(1),
+            stride_vnb=rope.v.stride(0), stride_vnh=rope.v.stride(1), stride_cs=rope.cos_sin_cache.stride(0),
+            FUSE_ROPE=True, HALF=rope.cos_sin_cache.shape[1] // 2,
+        )
 
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_cache, v_cache, page_table, seq_lens, part, lse,
@@ -189,6 +274,7 @@ def decode_attention(
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_H=max(16, next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         WRITE_LSE=num_kv_splits > 1, DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_decode_split_kernel),
+        **rope_args,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_kv_splits > 1:
@@ -199,6 +285,28 @@ def decode_attention(
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_power_of_2(num_kv_splits),
         )
     return out
+
+
+def _check_rope_args(rope: DecodeRope, batch: int, num_kv_heads: int, head_dim: int) -> None:
+    for name in ("k", "v"):
+        t = getattr(rope, name)
+        check_dtype(f"rope.{name}", t, FLOAT_DTYPES)
+        if t.shape != (batch, num_kv_heads, head_dim) or t.stride(-1) != 1:
+            raise ValueError(
+                f"rope.{name} must be [{batch}, {num_kv_heads}, {head_dim}] with a contiguous last dim, got {tuple(t.shape)}"
+            )
+    for name in ("positions", "out_cache_loc"):
+        t = getattr(rope, name)
+        check_dtype(f"rope.{name}", t, (torch.int32, torch.int64))
+        if t.shape != (batch,):
+            raise ValueError(f"rope.{name} must have shape ({batch},), got {tuple(t.shape)}")
+    table = rope.cos_sin_cache
+    check_dtype("rope.cos_sin_cache", table, FLOAT_DTYPES)
+    if table.dim() != 2 or table.stride(-1) != 1 or table.shape[1] % 2 or not 2 <= table.shape[1] <= head_dim:
+        raise ValueError(
+            f"rope.cos_sin_cache must be [max_position, rotary_dim] with even rotary_dim in [2, {head_dim}] "
+            f"and a contiguous last dim, got {tuple(table.shape)}"
+        )
 
 
 def _check_decode_args(
