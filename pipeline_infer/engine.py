@@ -52,6 +52,7 @@ class Engine:
         self._prefix_cache = parts.prefix_cache
         self._core = parts.core
         self._holds_thread_limit = parts.holds_host_thread_limit
+        self._holds_gil_switch = parts.holds_gil_switch
         self._closed = False
         self._lock = threading.Lock()
         self._grammars = None  # structured.GrammarCache, made on the first constrained request
@@ -72,6 +73,10 @@ class Engine:
             from pipeline_infer.engine_setup import release_host_threads
 
             release_host_threads()
+        if self._holds_gil_switch:
+            from pipeline_infer.engine_setup import restore_gil_switch_interval
+
+            restore_gil_switch_interval()
 
     def __enter__(self) -> "Engine":
         return self

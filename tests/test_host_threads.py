@@ -1,13 +1,22 @@
 """A CUDA engine runs torch's CPU ops on one thread (engine_setup.limit_host_threads), the
-user's OMP_NUM_THREADS wins, and the count comes back when the last engine shuts down.
-No GPU is needed: the limit only looks at the device's type."""
+user's OMP_NUM_THREADS wins, and the count comes back when the last engine shuts down. It
+also shortens the GIL's switch interval (shorten_gil_switch_interval) on the same terms.
+No GPU is needed: both only look at the device's type."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
 
-from pipeline_infer.engine_setup import limit_host_threads, release_host_threads
+from pipeline_infer.engine_setup import (
+    GIL_SWITCH_INTERVAL_S,
+    limit_host_threads,
+    release_host_threads,
+    restore_gil_switch_interval,
+    shorten_gil_switch_interval,
+)
 from pipeline_infer.operators.multi_process import _worker_env
 
 CUDA = torch.device("cuda")
@@ -63,3 +72,40 @@ def test_worker_env_caps_threads_for_cpu_workers_only(monkeypatch):
     assert "OMP_NUM_THREADS" not in gpu  # the engine sets one torch thread itself
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert _worker_env("1", 2)["OMP_NUM_THREADS"] == "4"
+
+
+@pytest.fixture
+def python_default_switch():
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_cuda_engines_shorten_the_gil_switch_and_the_last_restores(python_default_switch):
+    assert shorten_gil_switch_interval(CUDA) is True
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+    assert shorten_gil_switch_interval(CUDA) is True  # a second engine
+    restore_gil_switch_interval()
+    assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)  # the first still runs
+    restore_gil_switch_interval()
+    assert sys.getswitchinterval() == pytest.approx(0.005)
+
+
+def test_cpu_engine_keeps_the_gil_switch(python_default_switch):
+    assert shorten_gil_switch_interval(torch.device("cpu")) is False
+    assert sys.getswitchinterval() == pytest.approx(0.005)
+
+
+def test_a_users_own_switch_interval_is_left_alone(python_default_switch):
+    sys.setswitchinterval(0.002)  # set before the engine started
+    assert shorten_gil_switch_interval(CUDA) is True
+    assert sys.getswitchinterval() == pytest.approx(0.002)
+    restore_gil_switch_interval()
+    assert sys.getswitchinterval() == pytest.approx(0.002)
+    # ... and one changed while the engine ran is not undone at shutdown
+    sys.setswitchinterval(0.005)
+    assert shorten_gil_switch_interval(CUDA) is True
+    sys.setswitchinterval(0.001)
+    restore_gil_switch_interval()
+    assert sys.getswitchinterval() == pytest.approx(0.001)
