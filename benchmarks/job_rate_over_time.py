@@ -94,9 +94,16 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="per job: the engine's step timing, GC pauses, and where the engine and caller threads spent "
                          "their time (sampled)")
+    ap.add_argument("--gil-switch-ms", type=float, default=None,
+                    help="the GIL switch interval a CUDA engine sets while it runs (default 0.5; 5 is Python's own)")
     args = ap.parse_args()
 
     import torch
+
+    if args.gil_switch_ms is not None:
+        from pipeline_infer import engine_setup
+
+        engine_setup.GIL_SWITCH_INTERVAL_S = args.gil_switch_ms / 1000
 
     from pipeline_infer.operators import GenerateOp, run_job
 
