@@ -119,9 +119,13 @@ def main() -> None:
     sched_s = time_schedule(engine._scheduler)
     import pyarrow.parquet as pq
 
-    table = pq.read_table(inp)
-    ids = table["input_ids"].to_pylist()
-    params = [json.loads(p) for p in table["params"].to_pylist()]
+    ids = params = None
+    if "gen" in args.runs.split(","):
+        # Only the `gen` run needs the rows as Python lists: millions of list items the cyclic
+        # GC would otherwise walk in every full collection of the file-job runs too.
+        table = pq.read_table(inp)
+        ids = table["input_ids"].to_pylist()
+        params = [json.loads(p) for p in table["params"].to_pylist()]
     print(f"{rows} rows in {args.files} files, {out_tokens} output tokens, stub step {args.step_ms} ms")
     results = []
     for run in args.runs.split(","):

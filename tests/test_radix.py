@@ -53,7 +53,7 @@ def path_of(cache: RadixCache, node) -> tuple[tuple[int, ...], list[int]]:
     key: tuple[int, ...] = ()
     pages: list[int] = []
     while node is not cache.root:
-        key, pages = node.key + key, node.pages + pages
+        key, pages = node.key + key, list(node.pages) + pages
         node = node.parent
     return key, pages
 
@@ -962,3 +962,24 @@ def test_reused_batch_order_regroups_after_admissions():
     run_all(sched, runner)
     assert stats["reused"] > 0
     assert cache.locked_pages == 0
+
+
+def test_the_trees_keys_and_pages_are_not_walked_by_the_cyclic_gc():
+    """At page size 1 the tree holds a page id per cached token; as lists, every full GC
+    collection walked all of them (0.1-0.2 s a collection, the engine thread stopped)."""
+    import gc
+
+    _, cache = make()
+    put(cache, list(range(10)))
+    put(cache, list(range(5)) + [99, 98])  # splits a node
+    m = cache.match_prefix(list(range(8)))
+    cache.lock(m.node)
+    cache.unlock(m.node)
+    cache.evict(1)  # trims a leaf
+    gc.collect()
+    nodes = [cache.root]
+    for node in nodes:
+        nodes.extend(node.children.values())
+    assert len(nodes) > 2
+    for node in nodes:
+        assert not gc.is_tracked(node.pages) and not gc.is_tracked(node.key), node

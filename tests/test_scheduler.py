@@ -216,7 +216,7 @@ def check_ownership(sched: Scheduler) -> None:
             node, path = r.prefix_node, []
             assert node is not None and not node.dead
             while node is not cache.root:
-                path = node.pages + path
+                path = list(node.pages) + path
                 expected_ref[id(node)] = expected_ref.get(id(node), 0) + 1
                 node = node.parent
             assert path == shared, f"{r.rid}: shared pages are not its locked node's path"

@@ -57,8 +57,13 @@ from pipeline_infer.cache.kv_pool import PageAllocator
 class RadixNode:
     __slots__ = ("key", "pages", "children", "parent", "ref", "last_access", "dead")
 
-    def __init__(self, key: tuple[int, ...], pages: list[int], parent: Optional["RadixNode"], last_access: int):
+    def __init__(self, key: tuple[int, ...], pages: tuple[int, ...], parent: Optional["RadixNode"], last_access: int):
         self.key = key  # len(key) == len(pages) * page_size (empty for the root)
+        # Tuples, not lists, for both: the cyclic GC stops tracking a tuple of ints after its
+        # first look, while every full collection walks every item of a list. At page size 1
+        # the tree holds a page id per cached token (millions on a GPU's pool); each full
+        # collection stops the engine thread (docs/benchmarks.md, "The radix tree's page ids
+        # out of the GC's walk").
         self.pages = pages
         self.children: dict[tuple[int, ...], RadixNode] = {}
         self.parent = parent
@@ -102,7 +107,7 @@ class RadixCache:
         self._init_tree()
 
     def _init_tree(self) -> None:
-        self.root = RadixNode((), [], None, 0)
+        self.root = RadixNode((), (), None, 0)
         self._total_pages = 0
         self._locked_pages = 0
         self._num_nodes = 0  # excluding the root
@@ -196,7 +201,7 @@ class RadixCache:
             first = tuple(token_ids[i * ps : (i + 1) * ps])
             child = node.children.get(first)
             if child is None:
-                leaf = RadixNode(tuple(token_ids[i * ps : n * ps]), list(pages[i:]), node, self._clock)
+                leaf = RadixNode(tuple(token_ids[i * ps : n * ps]), tuple(pages[i:]), node, self._clock)
                 node.children[first] = leaf
                 self._total_pages += n - i
                 self._num_nodes += 1
