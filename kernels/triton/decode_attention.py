@@ -119,7 +119,10 @@ def _rope_factors(cos_sin_row, offs_d, HALF: tl.constexpr):
 
     rotated[d] = x[d] * cos[d] + x[partner[d]] * sin[d]: for d < HALF the partner is d + HALF
     and sin is negated (x1 cos - x2 sin), for HALF <= d < 2 HALF it is d - HALF (x2 cos + x1
-    sin); dims past 2 HALF (partial rotary) pass through (cos 1, sin 0, partner d).
+    sin); dims past 2 HALF (partial rotary) pass through (cos 1, sin 0, partner d). The same
+    rotation as rotary.rotate_heads (rope_store_kv's), written per dim so it applies to the
+    [heads, head_dim] tile already loaded; the two agree up to how the compiler fuses the
+    float32 multiply-adds (tests/test_decode_attention_rope.py compares them).
     """
     first = offs_d < HALF
     rotated = offs_d < 2 * HALF
