@@ -188,7 +188,7 @@ class Engine:
         self._check_alive()
         outputs = OutputArgs(return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states,
                              return_text_in_logprobs)
-        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs)
+        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs, stream=stream)
         collector = _SyncCollector(self, reqs)
         if stream:
             return collector.stream(single)
@@ -211,7 +211,7 @@ class Engine:
         self._check_alive()
         outputs = OutputArgs(return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states,
                              return_text_in_logprobs)
-        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs)
+        reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs, stream=stream)
         collector = _AsyncCollector(self, reqs)
         if stream:
             return collector.stream(single)
@@ -219,8 +219,9 @@ class Engine:
 
     # --- input handling -------------------------------------------------------------------
     def _make_requests(
-        self, prompt, sampling_params, input_ids, rid, outputs: OutputArgs | None = None
+        self, prompt, sampling_params, input_ids, rid, outputs: OutputArgs | None = None, stream: bool = True
     ) -> tuple[list[Request], bool]:
+        """stream=False: the caller reads only the final text, so it is decoded once at the end."""
         from pipeline_infer.engine_inputs import normalize_inputs
 
         prompts_ids, params, single = normalize_inputs(self, prompt, sampling_params, input_ids)
@@ -242,7 +243,7 @@ class Engine:
                         eos_token_ids=self.eos_token_ids,
                         context_length=self.context_length,
                         seed=seed,
-                        detokenizer=self._detokenizer(p),
+                        detokenizer=self._detokenizer(p, incremental=stream),
                         grammar=self._grammar_state(p),
                         extra_outputs=ExtraOutputs(**extra[i]) if extra[i] is not None else None,
                     )
@@ -271,7 +272,7 @@ class Engine:
                     )
         return self._grammars.state_for(p)
 
-    def _detokenizer(self, p: SamplingParams):
+    def _detokenizer(self, p: SamplingParams, incremental: bool = True):
         if self.tokenizer is None:
             return None
         from pipeline_infer.tokenizer import IncrementalDetokenizer
@@ -283,6 +284,7 @@ class Engine:
             stop=p.stop or [],
             stop_regex=p.stop_regex,
             no_stop_trim=p.no_stop_trim,
+            incremental=incremental,
         )
 
 

@@ -49,6 +49,23 @@ def test_single_and_list_shapes(bundled_engine):
     assert isinstance(many, list) and len(many) == 2
 
 
+def test_only_streams_and_stop_strings_detokenize_token_by_token(bundled_engine):
+    """A non-streaming request's text is decoded once at the end (per-token decoding is engine-
+    thread work every step); streams and stop strings need it as it grows."""
+    def deferred(stream, params=GREEDY):
+        reqs, _ = bundled_engine._make_requests("Hi", params, None, None, stream=stream)
+        return reqs[0].detokenizer._deferred
+
+    assert deferred(stream=False)
+    assert not deferred(stream=True)
+    assert not deferred(stream=False, params={**GREEDY, "stop": ["."]})
+    assert not deferred(stream=False, params={**GREEDY, "stop_regex": [r"\d"]})
+    # ... and the text is the same either way, stop token trimming included
+    text = bundled_engine.generate(PROMPTS[:3], {"temperature": 0, "max_new_tokens": 40})
+    streamed = [stream_and_merge(bundled_engine, p, {"temperature": 0, "max_new_tokens": 40}) for p in PROMPTS[:3]]
+    assert [t["text"] for t in text] == streamed
+
+
 def test_input_ids_equal_text_prompt(bundled_engine):
     ids = bundled_engine.tokenizer.encode(["The capital of France is"])[0]
     a = bundled_engine.generate("The capital of France is", GREEDY)

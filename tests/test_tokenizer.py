@@ -95,3 +95,24 @@ def test_decode_equals_the_hf_tokenizers_decode(tok):
         for skip in (True, False):
             assert tok.decode(ids, skip_special_tokens=skip) == tok.hf.decode(ids, skip_special_tokens=skip)
     assert tok.decode((5, 6, 7)) == tok.hf.decode([5, 6, 7], skip_special_tokens=True)  # any sequence type
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_deferred_decoding_gives_the_incremental_text(tok, text, skip_special_tokens):
+    """incremental=False (a non-streaming request): nothing comes out until finish, which
+    returns exactly the text the incremental pieces add up to."""
+    ids = tok.encode([text], add_special_tokens=False)[0] + sorted(tok.eos_token_ids)
+    _, pieces = _pieces(tok, ids, skip_special_tokens=skip_special_tokens)
+    d = IncrementalDetokenizer(tok, skip_special_tokens=skip_special_tokens, incremental=False)
+    assert all(d.add(t) == "" for t in ids)
+    assert d.finish() == "".join(pieces)
+    assert d.text == "".join(pieces)
+
+
+def test_deferred_decoding_keeps_stop_strings_incremental(tok):
+    """A stop string must end the request as soon as it appears: no deferral then."""
+    ids = tok.encode(["Answer: 42. END OF ANSWER and more text"], add_special_tokens=False)[0]
+    d, pieces = _pieces(tok, ids, stop=["END OF ANSWER"], incremental=False)
+    assert d.stopped == "END OF ANSWER"
+    assert "".join(pieces) == "Answer: 42. "
