@@ -10,7 +10,10 @@ prefix cache evicting, queues and tables that grow); docs/benchmarks.md has the 
 one.
 
     python benchmarks/job_rate_over_time.py --model benchmarks/configs/qwen2.5-0.5b --copies 8 \
-        [--windows 2,4,8,2] [--json out.json]
+        [--windows 2,4,8,2] [--json out.json] [--tokenizer DIR [--incremental-text]]
+
+With --tokenizer the model (still random weights) gets a tokenizer, so the job also writes
+generated text, which the engine detokenizes on its thread: the cost a text dataset pays.
 """
 
 from __future__ import annotations
@@ -83,6 +86,23 @@ class JobProbe:
                 "samples": {s.thread_name: dict(s.counts.most_common(30)) for s in self.samplers}}
 
 
+def with_tokenizer(model: str, tokenizer: str, target: str) -> str:
+    """A copy of model's config.json with the tokenizer's files and vocabulary size, in target."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    os.makedirs(target)
+    config = json.load(open(os.path.join(model, "config.json")))
+    config["vocab_size"] = len(AutoTokenizer.from_pretrained(tokenizer))
+    with open(os.path.join(target, "config.json"), "w") as f:
+        json.dump(config, f)
+    for name in os.listdir(tokenizer):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or name.endswith(".jinja"):
+            shutil.copy(os.path.join(tokenizer, name), target)
+    return target
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="directory with config.json (random weights are used)")
@@ -96,6 +116,11 @@ def main() -> None:
                          "their time (sampled)")
     ap.add_argument("--gil-switch-ms", type=float, default=None,
                     help="the GIL switch interval a CUDA engine sets while it runs (default 0.5; 5 is Python's own)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a folder with a Hugging Face tokenizer: the model gets it (and its vocabulary size), so the job "
+                         "also writes generated text, detokenized by the engine")
+    ap.add_argument("--incremental-text", action="store_true",
+                    help="with --tokenizer: detokenize token by token as streams do (the engine's way before 820bf66)")
     args = ap.parse_args()
 
     import torch
@@ -113,6 +138,16 @@ def main() -> None:
     if args.breakdown:
         options["enable_step_timing"] = True
     work = tempfile.mkdtemp(prefix="job-age-")
+    if args.tokenizer:
+        args.model = with_tokenizer(args.model, args.tokenizer, os.path.join(work, "model"))
+        if args.incremental_text:
+            from pipeline_infer import tokenizer as tokenizer_module
+
+            class Incremental(tokenizer_module.IncrementalDetokenizer):
+                def __init__(self, *a, **kw):
+                    super().__init__(*a, **{**kw, "incremental": True})
+
+            tokenizer_module.IncrementalDetokenizer = Incremental  # the engine imports it per request
     inp = os.path.join(work, "in")
     os.makedirs(inp)
     rows, out_tokens = write_workload(inp, args.model, args.copies, None, args.files)
