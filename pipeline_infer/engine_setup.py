@@ -7,12 +7,13 @@ the one-time decisions (which device, which dtype, how long a context, which bac
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -203,13 +204,44 @@ def _eos_ids(hf_config, model_dir: str, tokenizer) -> set[int]:
     return ids
 
 
-class _HostThreadLimit:
-    """torch's CPU thread count is process-wide: the first CUDA engine lowers it, the last to
-    shut down puts it back (unless something else changed it meanwhile)."""
+class _SharedSetting:
+    """A process-wide setting that CUDA engines share: the first holder changes it, the last to
+    let go puts back what it found, unless something else changed it meanwhile."""
 
-    lock = threading.Lock()
-    holders = 0
-    before: int | None = None
+    def __init__(
+        self,
+        get: Callable[[], Any],
+        set_: Callable[[Any], None],
+        wanted: Callable[[], Any],
+        take_over: Callable[[Any], bool],
+    ):
+        # wanted() is read at each first acquire (benchmarks may change it); take_over(current)
+        # says whether to change the setting at all (False: the user's own choice stands).
+        self.get, self.set, self.wanted, self.take_over = get, set_, wanted, take_over
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.before: Any = None  # the value found, when it was changed
+        self.applied: Any = None
+
+    def acquire(self) -> None:
+        with self.lock:
+            if self.holders == 0:
+                current = self.get()
+                self.before = self.applied = None
+                if self.take_over(current):
+                    self.before, self.applied = current, self.wanted()
+                    self.set(self.applied)
+            self.holders += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.holders -= 1
+            if self.holders == 0 and self.before is not None and math.isclose(self.get(), self.applied, abs_tol=1e-9):
+                self.set(self.before)
+
+
+# torch's CPU thread count: one while a CUDA engine runs.
+_HOST_THREADS = _SharedSetting(torch.get_num_threads, torch.set_num_threads, lambda: 1, lambda current: True)
 
 
 def limit_host_threads(device: torch.device) -> bool:
@@ -223,34 +255,25 @@ def limit_host_threads(device: torch.device) -> bool:
     """
     if device.type != "cuda" or os.environ.get("OMP_NUM_THREADS"):
         return False
-    with _HostThreadLimit.lock:
-        if _HostThreadLimit.holders == 0:
-            _HostThreadLimit.before = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _HostThreadLimit.holders += 1
+    _HOST_THREADS.acquire()
     return True
 
 
 def release_host_threads() -> None:
     """One holder of limit_host_threads is done; the last restores the count it found."""
-    with _HostThreadLimit.lock:
-        _HostThreadLimit.holders -= 1
-        if _HostThreadLimit.holders == 0 and torch.get_num_threads() == 1 and _HostThreadLimit.before:
-            torch.set_num_threads(_HostThreadLimit.before)
+    _HOST_THREADS.release()
 
 
 # How long a Python thread may hold the GIL while another waits for it (Python's default: 5 ms).
 GIL_SWITCH_INTERVAL_S = 0.0005
 _PYTHON_DEFAULT_SWITCH_INTERVAL_S = 0.005
-
-
-class _GilSwitch:
-    """The switch interval is process-wide: the first CUDA engine shortens it, the last to shut
-    down puts it back (unless something else changed it meanwhile)."""
-
-    lock = threading.Lock()
-    holders = 0
-    before: float | None = None
+_GIL_SWITCH = _SharedSetting(
+    sys.getswitchinterval,
+    sys.setswitchinterval,
+    lambda: GIL_SWITCH_INTERVAL_S,
+    # An interval the user already changed from Python's default is left as it is.
+    lambda current: math.isclose(current, _PYTHON_DEFAULT_SWITCH_INTERVAL_S, abs_tol=1e-9),
+)
 
 
 def shorten_gil_switch_interval(device: torch.device) -> bool:
@@ -266,27 +289,13 @@ def shorten_gil_switch_interval(device: torch.device) -> bool:
     """
     if device.type != "cuda":
         return False
-    with _GilSwitch.lock:
-        if _GilSwitch.holders == 0:
-            current = sys.getswitchinterval()
-            _GilSwitch.before = None
-            if abs(current - _PYTHON_DEFAULT_SWITCH_INTERVAL_S) < 1e-9:
-                _GilSwitch.before = current
-                sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        _GilSwitch.holders += 1
+    _GIL_SWITCH.acquire()
     return True
 
 
 def restore_gil_switch_interval() -> None:
     """One holder of shorten_gil_switch_interval is done; the last restores what it found."""
-    with _GilSwitch.lock:
-        _GilSwitch.holders -= 1
-        if (
-            _GilSwitch.holders == 0
-            and _GilSwitch.before is not None
-            and abs(sys.getswitchinterval() - GIL_SWITCH_INTERVAL_S) < 1e-9
-        ):
-            sys.setswitchinterval(_GilSwitch.before)
+    _GIL_SWITCH.release()
 
 
 def _quiet_dependencies() -> None:
