@@ -6,8 +6,8 @@ kernel when every sequence adds one token, else the extend kernel (which also se
 prefill + decode batches). `forward_with_rope` takes q and k before the rotary embedding and
 replaces store_kv with rope_store_kv, one kernel that rotates q and k and stores k and v
 straight from their strided views of the fused qkv; in decode steps the decode kernel does
-that work itself, so a decode layer launches one attention kernel (two with KV splits). Nothing in either copies from the device
-to the host. For extend batches `plan` also builds the extend kernel's work list (one entry
+that work itself, so a decode layer launches one attention kernel (two with KV splits).
+Nothing in either copies from the device to the host. For extend batches `plan` also builds the extend kernel's work list (one entry
 per block of new tokens), so a mixed batch launches only the blocks that hold tokens.
 """
 
@@ -162,19 +162,19 @@ class TritonAttentionBackend:
         md = _planned(batch)
         if md.is_decode and self.decode_rope_in_attention:
             rope = DecodeRope(k, v, batch.positions, rotary.cos_sin_cache, batch.out_cache_loc)
-            k_cache, v_cache = self.kv_pool.k_cache[layer_id], self.kv_pool.v_cache[layer_id]
-            return decode_attention(
-                q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits, rope=rope
-            )
+            return self._attend(q, md, layer_id, scale, rope)
         k_flat, v_flat = self.kv_pool.view_flat(layer_id)
         q = rope_store_kv(q, k, v, batch.positions, rotary.cos_sin_cache, k_flat, v_flat, batch.out_cache_loc)
         return self._attend(q, md, layer_id, scale)
 
-    def _attend(self, q: torch.Tensor, md: TritonAttentionMetadata, layer_id: int, scale: float) -> torch.Tensor:
-        """Attention of q over layer_id's cache, which already holds this step's K/V."""
+    def _attend(
+        self, q: torch.Tensor, md: TritonAttentionMetadata, layer_id: int, scale: float, rope: DecodeRope | None = None
+    ) -> torch.Tensor:
+        """Attention of q over layer_id's cache, which already holds this step's K/V (with `rope`,
+        a decode step: the kernel rotates q and k and stores the new K/V itself)."""
         k_cache, v_cache = self.kv_pool.k_cache[layer_id], self.kv_pool.v_cache[layer_id]
         if md.is_decode:
-            return decode_attention(q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits)
+            return decode_attention(q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits, rope=rope)
         return extend_attention(
             q, k_cache, v_cache, md.qo_indptr, md.prefix_lens, md.page_table, md.max_extend_len, scale,
             block_seq=md.block_seq, block_start=md.block_start, num_blocks=md.num_blocks,
