@@ -57,7 +57,10 @@ class EngineConfig:
     # kernels and runner
     attention_backend: str | None = None  # None: the fastest available on the device
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 256
+    # Decode batches up to this many rows replay CUDA graphs; larger ones run eagerly, which on
+    # an H200 took a 512-row decode step from ~2-3 ms to 13 ms (launch-bound). None: as many as
+    # the engine runs at once (max_running_requests), so every decode step can replay a graph.
+    cuda_graph_max_bs: int | None = None
     # Steps that prefill replay CUDA graphs too (extend_graph.py), where the attention backend
     # supports it (Triton). On an H200 this took the random workload from 6.32 s to 5.42 s
     # (docs/benchmarks.md); True turns it off (eager prefill steps, less start-up and memory).
@@ -107,8 +110,7 @@ class EngineConfig:
         _check_int("page_size", self.page_size, low=1)
         _check_int("chunked_prefill_size", self.chunked_prefill_size, low=1)
         _check_int("stream_interval", self.stream_interval, low=1)
-        _check_int("cuda_graph_max_bs", self.cuda_graph_max_bs, low=1)
-        for name in ("max_total_tokens", "max_running_requests", "context_length", "admission_batch"):
+        for name in ("max_total_tokens", "max_running_requests", "context_length", "admission_batch", "cuda_graph_max_bs"):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, low=1)

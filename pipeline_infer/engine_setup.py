@@ -82,7 +82,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         attention_backend=backend,
         eos_token_ids=eos,
         max_context=context,
-        cuda_graph_max_bs=0 if cfg.disable_cuda_graph else min(cfg.cuda_graph_max_bs, max_running),
+        cuda_graph_max_bs=decode_graph_max_bs(cfg, max_running),
         chunked_prefill_size=cfg.chunked_prefill_size,
         max_running_requests=max_running,
         extend_cuda_graph=not (cfg.disable_extend_cuda_graph or cfg.disable_cuda_graph),
@@ -159,6 +159,14 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def decode_graph_max_bs(cfg: EngineConfig, max_running: int) -> int:
+    """The largest decode batch captured as a CUDA graph (0: none): by default every batch the
+    scheduler can form, since a larger one would fall back to eager launches."""
+    if cfg.disable_cuda_graph:
+        return 0
+    return min(cfg.cuda_graph_max_bs or max_running, max_running)
 
 
 def _default_backend(device: torch.device, hf_config, page_size: int, dtype: torch.dtype) -> str:

@@ -195,6 +195,20 @@ def test_unknown_engine_option_names_nearest():
         Engine(admission_batch=0)
     with pytest.raises(TypeError, match="admission_batch must be an int"):
         Engine(admission_batch="8")
+    with pytest.raises(ValueError, match="cuda_graph_max_bs must be >= 1, got 0"):
+        Engine(cuda_graph_max_bs=0)
+
+
+def test_decode_graphs_cover_every_batch_the_scheduler_can_form_by_default():
+    # A decode batch above the largest captured graph runs eagerly (on an H200, 13 ms a
+    # 512-row step instead of ~3): by default the graphs reach max_running_requests.
+    from pipeline_infer.config import EngineConfig
+    from pipeline_infer.engine_setup import decode_graph_max_bs
+
+    assert decode_graph_max_bs(EngineConfig(), 512) == 512
+    assert decode_graph_max_bs(EngineConfig(cuda_graph_max_bs=64), 512) == 64
+    assert decode_graph_max_bs(EngineConfig(cuda_graph_max_bs=1024), 512) == 512
+    assert decode_graph_max_bs(EngineConfig(disable_cuda_graph=True), 512) == 0
 
 
 def test_abandoned_stream_aborts_and_frees_pages():
