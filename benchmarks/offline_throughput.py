@@ -63,8 +63,9 @@ def make_workload(name: str, vocab: int, num_prompts: int | None, path: str = WO
     return reqs[:num_prompts] if num_prompts else reqs
 
 
-def run_ours(model_dir, reqs, repeats, breakdowns=None, **opts):
-    """Wall seconds of each repeat; with breakdowns (a list), each repeat's step timing is appended."""
+def run_ours(model_dir, reqs, repeats, breakdowns=None, engine_info=None, **opts):
+    """Wall seconds of each repeat; with breakdowns (a list), each repeat's step timing is appended;
+    with engine_info (a dict), it receives the engine's get_server_info() (its resolved settings)."""
     from pipeline_infer import Engine
 
     ids = [p for p, _ in reqs]
@@ -73,6 +74,8 @@ def run_ours(model_dir, reqs, repeats, breakdowns=None, **opts):
     with Engine(model_dir, load_format="dummy", enable_step_timing=breakdowns is not None, **opts) as llm:
         llm.generate(input_ids=ids[:8], sampling_params=sps[:8])  # warm-up
         llm.flush_cache()  # else the first repeat finds the warm-up's prompts cached, the others not
+        if engine_info is not None:
+            engine_info.update(llm.get_server_info())
         if breakdowns is not None:
             llm.step_timing_summary(reset=True)  # drop the warm-up's steps
         for _ in range(repeats):
@@ -108,6 +111,12 @@ def run_hf(model_dir, reqs, repeats, batch=64):
     cfg = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
     order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
+    # Untimed warm-up (CUDA context, cuBLAS handles, kernel caches), as ours gets one: without
+    # it the first repeat of 64 prompts took 35.6 s against 10.4 and 11.4 for the next two.
+    with torch.no_grad():
+        warm = torch.tensor([reqs[order[0]][0]], dtype=torch.long).cuda()
+        model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=8,
+                       min_new_tokens=8, do_sample=False, pad_token_id=0)
     walls = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -200,6 +209,8 @@ def main():
     ap.add_argument("--num-prompts", type=int, default=None, help="only the first N requests of each workload")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peer", choices=["hf"], default=None, help="also time HF transformers generate")
+    ap.add_argument("--peer-repeats", type=int, default=None,
+                    help="HF runs (default --repeats): on a whole workload one takes minutes")
     ap.add_argument("--peer-num-prompts", type=int, default=None,
                     help="peer (and ours again, for the ratio) on the first N requests only")
     ap.add_argument("--backend", default=None, help="attention backend (default: the engine's choice)")
@@ -264,19 +275,21 @@ def main():
              "copy_TBps": round(device["copy_Bps"] / 1e12, 3) if device["copy_Bps"] else None,
              "matmul_TFLOPs": round(device["matmul_flops"] / 1e12, 1) if device["matmul_flops"] else None}
         breakdowns = [] if args.breakdown else None
-        walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, **opts)
+        info: dict = {}
+        walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, engine_info=info, **opts)
+        r["max_running_requests"] = info["max_running_requests"]
         r["ours"] = summary(walls, reqs)
         if breakdowns:  # the repeat whose wall time is the median one reported
             r["breakdown"] = breakdowns[walls.index(sorted(walls)[(len(walls) - 1) // 2])]
         floor = None
         if device["copy_Bps"]:
-            floor = floor_seconds(shape, reqs, args.max_running_requests or 256, device["copy_Bps"],
+            floor = floor_seconds(shape, reqs, info["max_running_requests"], device["copy_Bps"],
                                   device["matmul_flops"], prefix_sharing=not args.disable_radix_cache)
             r["floor"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in floor.items()}
             r["pct_of_floor"] = round(100 * floor["floor_s"] / r["ours"]["wall_s"], 1)
         if args.peer:
             peer_reqs = reqs[: args.peer_num_prompts] if args.peer_num_prompts else reqs
-            r["peer_hf"] = summary(run_hf(tmp, peer_reqs, args.repeats), peer_reqs)
+            r["peer_hf"] = summary(run_hf(tmp, peer_reqs, args.peer_repeats or args.repeats), peer_reqs)
             r["peer_hf"]["num_prompts"] = len(peer_reqs)
             ours_same = r["ours"] if len(peer_reqs) == len(reqs) else summary(run_ours(tmp, peer_reqs, args.repeats, **opts), peer_reqs)
             r["ours_on_peer_prompts"] = ours_same

@@ -211,6 +211,18 @@ def test_decode_graphs_cover_every_batch_the_scheduler_can_form_by_default():
     assert decode_graph_max_bs(EngineConfig(disable_cuda_graph=True), 512) == 0
 
 
+def test_default_running_requests_follow_the_devices_memory():
+    from pipeline_infer.engine_setup import default_max_running_requests
+
+    gib = 2**30
+    assert default_max_running_requests(torch.device("cpu")) == 64
+    assert default_max_running_requests(torch.device("cuda"), total_memory=140 * gib) == 1024  # H200
+    assert default_max_running_requests(torch.device("cuda"), total_memory=80 * gib) == 1024  # H100
+    assert default_max_running_requests(torch.device("cuda"), total_memory=24 * gib) == 256
+    with Engine(context_length=64) as llm:  # the bundled model on the CPU
+        assert llm.get_server_info()["max_running_requests"] == 64
+
+
 def test_abandoned_stream_aborts_and_frees_pages():
     with Engine(disable_radix_cache=True) as llm:
         free_before = llm.get_server_info()["num_free_pages"]
