@@ -130,11 +130,15 @@ def run_hf(model_dir, reqs, repeats, batch=64):
                 ids[r, width - len(p) :] = torch.tensor(p)
                 mask[r, width - len(p) :] = 1
             n = max(o for _, o in group)
+            tb = time.perf_counter()
             with torch.no_grad():
                 model.generate(
                     input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, min_new_tokens=n,
                     do_sample=False, pad_token_id=0,
                 )
+            # Progress: a whole workload takes HF minutes.
+            print(f"  HF batch {s // batch}: {len(group)} prompts up to {width} tokens, {n} new, "
+                  f"{time.perf_counter() - tb:.2f} s", file=sys.stderr, flush=True)
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t)
     return walls
