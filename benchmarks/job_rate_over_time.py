@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="per job: the engine's step timing, GC pauses, and where the engine and caller threads spent "
                          "their time (sampled)")
+    ap.add_argument("--max-running-requests", type=int, default=None, help="engine option (default: the engine's)")
     ap.add_argument("--gil-switch-ms", type=float, default=None,
                     help="the GIL switch interval a CUDA engine sets while it runs (default 0.5; 5 is Python's own)")
     ap.add_argument("--tokenizer", default=None,
@@ -137,6 +138,8 @@ def main() -> None:
         options["attention_backend"] = "triton"
     if args.breakdown:
         options["enable_step_timing"] = True
+    if args.max_running_requests:
+        options["max_running_requests"] = args.max_running_requests
     work = tempfile.mkdtemp(prefix="job-age-")
     if args.tokenizer:
         args.model = with_tokenizer(args.model, args.tokenizer, os.path.join(work, "model"))
