@@ -186,14 +186,18 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\n{r['workload']}\n{r['config']}" for r in results]
+    labels = [f"{r['model']}\n{r['workload']}\n{r['config']}"
+              + (f"\n{r['max_running_requests']} running" if r.get("max_running_requests") else "") for r in results]
     tok = [r["ours"]["output_tok_s"] for r in results]
     pct = [r.get("pct_of_floor", 0) for r in results]
     fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(results)), 4.5))
     a.bar(range(len(tok)), tok, color="tab:blue")
-    for i, r in enumerate(results):
-        if "peer_hf" in r:
-            a.bar(i, r["peer_hf"]["output_tok_s"], color="tab:orange", width=0.4, label="HF generate" if i == 0 else None)
+    peers = [i for i, r in enumerate(results) if "peer_hf" in r]
+    for i in peers:
+        a.bar(i, results[i]["peer_hf"]["output_tok_s"], color="tab:orange", width=0.4,
+              label="HF generate" if i == peers[0] else None)
+    if peers:
+        a.legend(fontsize=7)
     a.set_xticks(range(len(tok)), labels, fontsize=7)
     a.set_ylabel("output tokens/s")
     a.set_title("throughput (median of runs)")
