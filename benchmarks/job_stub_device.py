@@ -14,7 +14,7 @@ submitted at once (`gen`) is the reference.
 Runs: `gen` (one Engine.generate over every row), or a window size N (run_job(window=N)).
 The workload is one of workloads.json ("random" by default) with the real vocabulary (ids
 shifted per copy of it, so copies share no prefix), written as --files Parquet files; a part never spans two files,
-so small files cut the window's batches short. Page size 16, 256 running requests, a KV pool
+so small files cut the window's batches short. Page size 16, 256 running requests (--max-running-requests), a KV pool
 of --pool-tokens tokens (a full pool makes the radix cache evict on most steps).
 """
 
@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--step-ms", type=float, default=2.0)
     ap.add_argument("--pool-tokens", type=int, default=1_500_000)
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--max-running-requests", type=int, default=256,
+                    help="(1024: a GPU engine's default on an H200; pair it with that step time, ~3.5 ms)")
     ap.add_argument("--runs", default="gen,2,8", help="comma-separated: gen or a window size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
@@ -110,7 +112,7 @@ def main() -> None:
     rows, out_tokens = write_workload(inp, model, -(-args.rows // base), min(args.rows, base), args.files,
                                       workload=args.workload)
     options = {"load_format": "dummy", "skip_tokenizer_init": True, "device": "cpu", "random_seed": 0,
-               "page_size": args.page_size, "max_running_requests": 256, "max_total_tokens": args.pool_tokens,
+               "page_size": args.page_size, "max_running_requests": args.max_running_requests, "max_total_tokens": args.pool_tokens,
                "disable_overlap_schedule": False}
     op = GenerateOp(input_ids_column="input_ids", sampling_params_column="params", model=model,
                     engine_options=options, output_ids=True)
