@@ -333,7 +333,8 @@ class _CollectorBase:
         """Send each request's outputs to put; only its final one when finished_only (what
         a non-streaming call returns: one event per request, not one per request per step)."""
         for i, req in enumerate(self.reqs):
-            if finished_only:
+            req.output_every_step = not finished_only
+            if finished_only:  # the engine calls it only at the finish then; the check stays for safety
                 req.on_output = lambda r, fin, i=i: fin and put(_Snapshot(i, r, fin))
             else:
                 req.on_output = lambda r, fin, i=i: put(_Snapshot(i, r, fin))

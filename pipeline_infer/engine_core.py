@@ -142,9 +142,12 @@ class EngineCore:
             logger.error("step failed: %s", traceback.format_exc())
             self._fail(launched.batch, exc)
             return
-        for req in self.scheduler.commit(launched.batch, tokens):
-            self.num_generated_tokens += 1
-            self._emit(req)
+        updated = self.scheduler.commit(launched.batch, tokens)
+        self.num_generated_tokens += len(updated)
+        finished = RequestStatus.FINISHED
+        for req in updated:
+            if req.output_every_step or req.status is finished:
+                self._emit(req)
 
     def _drain(self, block: bool, timeout: float | None = None) -> bool:
         """Handle queued messages; False once asked to stop."""

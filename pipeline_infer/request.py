@@ -55,6 +55,9 @@ class Request:
     seed: int | None = None  # per-request sampling seed (already derived for n > 1)
     detokenizer: Any = None  # IncrementalDetokenizer or None (skip_tokenizer_init / input_ids only)
     on_output: Callable[["Request", bool], None] | None = None  # (request, finished) -> None
+    # False: on_output is called only once the request finishes (a non-streaming call), not
+    # for each of its tokens: a Python call per running request per step saved.
+    output_every_step: bool = True
     arrival_time: float = field(default_factory=time.perf_counter)
     # Submitted with others by one generate call (a list of prompts, or n > 1): the "auto"
     # schedule policy runs it as a batch job.
@@ -103,6 +106,9 @@ class Request:
         p = self.params
         plain = p.is_greedy and not p.has_penalties and not p.logit_bias
         self.argmax_from: int = p.min_new_tokens if plain else _NEVER
+        # Token count (prompt + generated, in flight included) at which decoding stops by
+        # length: max_new_tokens or the context, whichever comes first. Neither changes.
+        self.decode_end: int = min(len(self.prompt_ids) + p.max_new_tokens, self.context_length)
 
     # --- sizes -----------------------------------------------------------------
     @property

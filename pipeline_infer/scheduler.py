@@ -339,7 +339,7 @@ class Scheduler:
         decodes = []
         for r in self.running:
             n = len(r.token_ids)
-            if r.num_computed == n - 1 and n - len(r.prompt_ids) < r.params.max_new_tokens and n < r.context_length:
+            if r.num_computed == n - 1 and n < r.decode_end:
                 decodes.append(r)
         decodes = self._ensure_decode_pages(decodes)
         chunks = [ScheduledChunk(req, req.num_computed, 1, True, False) for req in decodes]

@@ -253,3 +253,27 @@ def test_shutdown_then_calls_raise():
     with pytest.raises(RuntimeError, match="shut down"):
         asyncio.run(llm.async_generate("hi"))
     llm.shutdown()  # idempotent
+
+
+def test_a_non_streaming_request_gets_one_output_call_a_streaming_one_one_per_token(bundled_engine, monkeypatch):
+    # A non-streaming call waits for the finish only: the engine thread skips the output
+    # callback of its running requests on every other step (one Python call per row per step).
+    from pipeline_infer import engine_core
+
+    calls: dict[str, list[bool]] = {}
+    emit = engine_core.EngineCore._emit
+
+    def counting_emit(self, req):
+        calls.setdefault(req.rid, []).append(req.is_finished)
+        emit(self, req)
+
+    monkeypatch.setattr(engine_core.EngineCore, "_emit", counting_emit)
+    params = {"max_new_tokens": 5, "ignore_eos": True, "temperature": 0}
+    prompts = ["The sea is", "A short poem:"]
+    outs = bundled_engine.generate(prompts, params)
+    assert [len(o["output_ids"]) for o in outs] == [5, 5]
+    assert sorted(calls.values()) == [[True], [True]]
+    calls.clear()
+    streamed = list(bundled_engine.generate(prompts[0], params, stream=True))
+    assert [len(v) for v in calls.values()] == [5] and list(calls.values())[0][-1] is True
+    assert streamed[-1]["output_ids"] == outs[0]["output_ids"]

@@ -11,7 +11,25 @@ Who holds which pages is the scheduler's (and the radix cache's) business.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+# Page lists at least this long are marked free / taken with one numpy operation (on a 2-core
+# CPU the two ways cost the same at ~150 pages: 7.2 vs 7.5 us for alloc + free of 128).
+_ARRAY_FROM = 192
+
+
+def _first_bad(alloc: "PageAllocator", pages: list[int]) -> str:
+    """The first page of a refused free() list that is out of range, already free or repeated."""
+    seen = set()
+    for p in pages:
+        if not 0 < p < alloc.num_pages:
+            return f"page {p} (out of range)"
+        if alloc._is_free[p] or p in seen:
+            return f"page {p}"
+        seen.add(p)
+    return "no page"
 
 
 class PageAllocator:
@@ -24,8 +42,9 @@ class PageAllocator:
         # Popping from the end hands out low page ids first, which keeps small runs compact.
         self._free: list[int] = list(range(num_pages - 1, 0, -1))
         self._is_free = bytearray(num_pages)
-        for p in self._free:
-            self._is_free[p] = 1
+        # The same bytes as an array, for the bookkeeping of long page lists in one operation.
+        self._is_free_view = np.frombuffer(self._is_free, dtype=np.uint8)
+        self._is_free_view[1:] = 1
 
     @property
     def num_free(self) -> int:
@@ -44,14 +63,27 @@ class PageAllocator:
             return []
         pages = self._free[-n:]
         del self._free[-n:]
-        for p in pages:
-            self._is_free[p] = 0
+        if n >= _ARRAY_FROM:
+            self._is_free_view[np.array(pages, dtype=np.int64)] = 0
+        else:
+            for p in pages:
+                self._is_free[p] = 0
         return pages[::-1]
 
     def free(self, pages: list[int]) -> None:
-        for p in pages:
-            assert 0 < p < self.num_pages and not self._is_free[p], f"double free of page {p}"
-            self._is_free[p] = 1
+        if len(pages) >= _ARRAY_FROM:
+            # A finished request gives back hundreds of pages at page size 1 (~870 in the random
+            # workload): one array check and write instead of a Python loop took free + alloc of
+            # 866 pages from 50 to 28 us on a 2-core CPU. Short lists stay on the loop, where
+            # converting to an array would cost more than it saves.
+            idx = np.sort(np.array(pages, dtype=np.int64))
+            if idx[0] <= 0 or idx[-1] >= self.num_pages or (idx[1:] == idx[:-1]).any() or self._is_free_view[idx].any():
+                raise AssertionError(f"double free of {_first_bad(self, pages)}")
+            self._is_free_view[idx] = 1
+        else:
+            for p in pages:
+                assert 0 < p < self.num_pages and not self._is_free[p], f"double free of page {p}"
+                self._is_free[p] = 1
         self._free.extend(pages)
 
     def is_free(self, page: int) -> bool:
