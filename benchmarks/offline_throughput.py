@@ -111,33 +111,38 @@ def run_hf(model_dir, reqs, repeats, batch=64):
     cfg = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda().eval()
     order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
-    # Untimed warm-up (CUDA context, cuBLAS handles, kernel caches), as ours gets one: without
-    # it the first repeat of 64 prompts took 35.6 s against 10.4 and 11.4 for the next two.
-    with torch.no_grad():
-        warm = torch.tensor([reqs[order[0]][0]], dtype=torch.long).cuda()
-        model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=8,
-                       min_new_tokens=8, do_sample=False, pad_token_id=0)
+    groups = [[reqs[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
+
+    def run_group(group, new_tokens=None):
+        width = max(len(p) for p, _ in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for r, (p, _) in enumerate(group):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        n = new_tokens or max(o for _, o in group)
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=0,
+            )
+        return width, n
+
+    # Untimed warm-up (CUDA context, cuBLAS handles, kernel caches), as ours gets one, at each
+    # batch size the run meets (a full batch and the last one). After a one-row warm-up, HF's
+    # first 64-row batch took 41 s and its last (40 rows) 35 s, the others 12-17 s. Part of that
+    # may be set-up per new shape along the way, which 8 tokens do not reach: --peer-repeats > 1.
+    for group in {len(g): g for g in groups}.values():
+        run_group(group, new_tokens=8)
     walls = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        for s in range(0, len(order), batch):
-            group = [reqs[i] for i in order[s : s + batch]]
-            width = max(len(p) for p, _ in group)
-            ids = torch.zeros(len(group), width, dtype=torch.long)
-            mask = torch.zeros(len(group), width, dtype=torch.long)
-            for r, (p, _) in enumerate(group):
-                ids[r, width - len(p) :] = torch.tensor(p)
-                mask[r, width - len(p) :] = 1
-            n = max(o for _, o in group)
+        for k, group in enumerate(groups):
             tb = time.perf_counter()
-            with torch.no_grad():
-                model.generate(
-                    input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, min_new_tokens=n,
-                    do_sample=False, pad_token_id=0,
-                )
+            width, n = run_group(group)
             # Progress: a whole workload takes HF minutes.
-            print(f"  HF batch {s // batch}: {len(group)} prompts up to {width} tokens, {n} new, "
+            print(f"  HF batch {k}: {len(group)} prompts up to {width} tokens, {n} new, "
                   f"{time.perf_counter() - tb:.2f} s", file=sys.stderr, flush=True)
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t)
