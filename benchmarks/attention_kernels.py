@@ -8,6 +8,7 @@ is reported next to the device's measured copy bandwidth.
 
     python benchmarks/attention_kernels.py [--json out.json]
     python benchmarks/attention_kernels.py --sweep   # our kernel's launch settings, fastest first
+    python benchmarks/attention_kernels.py --sweep --shapes 512x600x14x2x64x1,1024x600x14x2x64x1
 
 Needs a CUDA device; FlashInfer is optional (without it only our kernel is timed).
 """
@@ -87,12 +88,26 @@ def flashinfer_decode(q, k, v, table, lens, tensor_cores: bool):
     return lambda: w.run(q, (k, v), out=out), out
 
 
+def _shapes(text: str) -> list[tuple[int, ...]]:
+    out = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 6 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(
+                f"shape {item!r}: expected batch x context x q heads x kv heads x head dim x page size, e.g. 512x600x14x2x64x1")
+        out.append(tuple(int(p) for p in parts))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per variant")
     ap.add_argument("--sweep", action="store_true",
                     help="time our kernel over splits x block_n x num_warps x num_stages instead")
+    ap.add_argument("--shapes", type=_shapes, default=None,
+                    help="sweep these instead, e.g. 512x600x14x2x64x1,1024x600x14x2x64x1 "
+                         "(batch x context x q heads x kv heads x head dim x page size)")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -169,7 +184,7 @@ def sweep(args) -> None:
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs")
     results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                "copy_bandwidth_Bps": bw, "sweeps": []}
-    for batch, context, hq, hkv, d, ps in SWEEP_SHAPES:
+    for batch, context, hq, hkv, d, ps in args.shapes or SWEEP_SHAPES:
         q, k, v, table, lens = make_inputs(batch, context, hq, hkv, d, ps, device, gen)
         scale = d**-0.5
         expected = reference(q, k, v, table, lens, scale)
@@ -193,8 +208,10 @@ def sweep(args) -> None:
             rows.append({"splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages,
                          "us": us, "TBps": kv_bytes / (us * 1e-6) / 1e12})
         rows.sort(key=lambda r: r["us"])
+        # decode_attention's own defaults for this head size
+        default_setting = (default_splits, 64 if d <= 128 else 32, 4, 3 if d <= 64 else 2)
         default = next((r for r in rows if (r["splits"], r["block_n"], r["num_warps"], r["num_stages"])
-                        == (default_splits, 64 if d <= 128 else 32, 4, 2)), None)
+                        == default_setting), None)
         print(f"batch {batch} ctx {context} heads {hq}/{hkv} d {d} page {ps}: current default "
               f"{default['us'] if default else float('nan'):.1f} us (splits={default_splits})")
         for r in rows[:8]:
