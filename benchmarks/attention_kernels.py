@@ -22,7 +22,12 @@ import time
 
 import torch
 
-from pipeline_infer.kernels.triton.decode_attention import choose_num_kv_splits, decode_attention, device_num_sms
+from pipeline_infer.kernels.triton.decode_attention import (
+    choose_num_kv_splits,
+    decode_attention,
+    default_launch,
+    device_num_sms,
+)
 
 # (batch, context, q heads, kv heads, head dim, page size): the two shapes, then more.
 SHAPES = [
@@ -208,8 +213,8 @@ def sweep(args) -> None:
             rows.append({"splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages,
                          "us": us, "TBps": kv_bytes / (us * 1e-6) / 1e12})
         rows.sort(key=lambda r: r["us"])
-        # decode_attention's own defaults for this head size
-        default_setting = (default_splits, 64 if d <= 128 else 32, 4, 3 if d <= 64 else 2)
+        default_block_n, default_stages = default_launch(d)  # decode_attention's, num_warps 4
+        default_setting = (default_splits, default_block_n, 4, default_stages)
         default = next((r for r in rows if (r["splits"], r["block_n"], r["num_warps"], r["num_stages"])
                         == default_setting), None)
         print(f"batch {batch} ctx {context} heads {hq}/{hkv} d {d} page {ps}: current default "

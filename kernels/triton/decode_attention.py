@@ -190,6 +190,15 @@ def device_num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def default_launch(head_dim: int) -> tuple[int, int]:
+    """decode_attention's block_n and num_stages when the caller gives none (num_warps: 4)."""
+    block_n = 64 if head_dim <= 128 else 32
+    # H200 sweep, 2026-11-30 (docs/benchmarks.md): a third stage helps small heads (256 x
+    # 512/1024 tokens, d64: 34.3 -> 33.5 / 51.6 -> 50.0 us) and not d128.
+    num_stages = 3 if head_dim <= 64 else 2
+    return block_n, num_stages
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, num_q_heads, head_dim]
     k_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
@@ -235,12 +244,9 @@ def decode_attention(
         raise ValueError(f"num_kv_splits must be in [1, {MAX_KV_SPLITS}], got {num_kv_splits}")
 
     block_d = next_power_of_2(head_dim)
-    if block_n is None:
-        block_n = 64 if head_dim <= 128 else 32
-    if num_stages is None:
-        # H200 sweep, 2026-11-30 (docs/benchmarks.md): a third stage helps small heads (256 x
-        # 512/1024 tokens, d64: 34.3 -> 33.5 / 51.6 -> 50.0 us) and not d128.
-        num_stages = 3 if head_dim <= 64 else 2
+    default_block_n, default_stages = default_launch(head_dim)
+    block_n = default_block_n if block_n is None else block_n
+    num_stages = default_stages if num_stages is None else num_stages
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if num_kv_splits == 1:
