@@ -56,7 +56,7 @@ class HostOnlyModel(torch.nn.Module):
 
 
 def run_once(model_dir: str, requests: int, prompt_len: int, new_tokens: int, prof: cProfile.Profile | None,
-             stub_model: bool = False, **engine_options) -> dict:
+             stub_model: bool = False, prefix_groups: int = 0, prefix_len: int = 0, **engine_options) -> dict:
     loop = engine_core.EngineCore._loop
 
     def profiled_loop(self, *a, **k):  # cProfile sees only the thread that enables it
@@ -75,6 +75,9 @@ def run_once(model_dir: str, requests: int, prompt_len: int, new_tokens: int, pr
             llm._runner.model = HostOnlyModel(TINY_QWEN2["hidden_size"], TINY_QWEN2["vocab_size"])
         rng = np.random.default_rng(0)
         ids = [rng.integers(10, TINY_QWEN2["vocab_size"] - 10, prompt_len).tolist() for _ in range(requests)]
+        if prefix_groups:  # the shared-prefix workload's shape: groups share their first prefix_len tokens
+            prefixes = [rng.integers(10, TINY_QWEN2["vocab_size"] - 10, prefix_len).tolist() for _ in range(prefix_groups)]
+            ids = [prefixes[i % prefix_groups] + p for i, p in enumerate(ids)]
         llm.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True})
         summary = llm.step_timing_summary()
         llm.shutdown()
@@ -95,6 +98,10 @@ def main() -> None:
                          "interpreter, far too slowly); build then times the GPU path's host work")
     ap.add_argument("--stub-model", action="store_true", help="zeros for hidden states and logits (HostOnlyModel)")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine thread of the last run")
+    ap.add_argument("--prefix-groups", type=int, default=0,
+                    help="prompts in this many groups, each group's starting with the same --prefix-len tokens")
+    ap.add_argument("--prefix-len", type=int, default=1024)
+    ap.add_argument("--enable-cascade-attn", action="store_true")
     args = ap.parse_args()
     if args.attention_backend == "triton":
         if not args.stub_model:
@@ -108,7 +115,9 @@ def main() -> None:
     for i in range(args.repeats):
         prof = cProfile.Profile() if args.profile and i == args.repeats - 1 else None
         s = run_once(model_dir, args.requests, args.prompt_len, args.new_tokens, prof,
-                     stub_model=args.stub_model, page_size=args.page_size, attention_backend=args.attention_backend)
+                     stub_model=args.stub_model, page_size=args.page_size, attention_backend=args.attention_backend,
+                     prefix_groups=args.prefix_groups, prefix_len=args.prefix_len,
+                     enable_cascade_attn=args.enable_cascade_attn)
         runs.append(s)
         print(f"run {i + 1}: {s['steps']} steps, schedule {s['schedule_s']:.3f} s, build {s['build_s']:.3f} s, "
               f"post {s['post_s']:.3f} s, forward {s['forward_s']:.3f} s, wall {s['wall_s']:.3f} s", flush=True)

@@ -6,7 +6,8 @@ Two phases, each bounded by the slower of its memory traffic and its arithmetic:
   radix cache is on) costs 2 FLOPs per matmul weight, plus causal attention
   (2 matmuls x 2 FLOPs x q_heads x head_dim per token pair); at the measured bf16 matmul rate.
 - decode: each step reads every weight once (the embedding table only where it doubles as
-  the LM head) and the KV of every running sequence; continuous batching with at most
+  the LM head) and the KV of every running sequence, a prefix that running sequences share
+  once when the radix cache is on (as cascade attention can); continuous batching with at most
   `max_running` sequences, admitted in order. A step's time is the larger of those bytes at
   the measured copy bandwidth and its FLOPs at the matmul rate.
 
@@ -94,6 +95,20 @@ def unique_prefill_tokens(prompts: list[list[int]]) -> int:
     return total
 
 
+def shared_prefix_lens(prompts: list[list[int]]) -> list[int]:
+    """Per prompt: its longest common prefix with any other prompt (its neighbours in sorted order)."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    shared = [0] * len(prompts)
+    for a, b in zip(order, order[1:]):
+        n = 0
+        for x, y in zip(prompts[a], prompts[b]):
+            if x != y:
+                break
+            n += 1
+        shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
+    return shared
+
+
 def floor_seconds(
     shape: ModelShape,
     requests: list[tuple[list[int], int]],
@@ -115,15 +130,21 @@ def floor_seconds(
     weights = shape.decode_weight_bytes()
     kv_tok = shape.kv_bytes_per_token()
     step_flops_per_seq = 2.0 * (shape.matmul_params() + shape.vocab * shape.hidden)
-    pending = [(len(p), o - 1) for p, o in requests if o > 1]
+    # With prefix sharing, a step reads a prefix that running sequences share once: each
+    # sequence's KV less its shared prefix, plus each distinct shared prefix once (one level of
+    # sharing, as in the shared-prefix workload; deeper trees are counted by their longest level).
+    shared = shared_prefix_lens(prompts) if prefix_sharing else [0] * len(prompts)
+    pending = [(len(p), o - 1, tuple(p[:n]) if n else None) for p, o, n in zip(prompts, (o for _, o in requests), shared) if o > 1]
     pending.reverse()  # pop() admits in submission order
-    running: list[list[int]] = []  # [context length, steps left]
+    running: list[list] = []  # [context length, steps left, shared prefix or None]
     decode_s, steps = 0.0, 0
     while pending or running:
         while pending and len(running) < max_running:
-            ctx, left = pending.pop()
-            running.append([ctx + 1, left])
-        kv = sum(r[0] for r in running) * kv_tok
+            ctx, left, prefix = pending.pop()
+            running.append([ctx + 1, left, prefix])
+        prefixes = {r[2] for r in running if r[2] is not None}
+        kv_tokens = sum(r[0] - (len(r[2]) if r[2] else 0) for r in running) + sum(map(len, prefixes))
+        kv = kv_tokens * kv_tok
         flops = len(running) * step_flops_per_seq + sum(shape.attention_flops(1, r[0]) for r in running)
         decode_s += max((weights + kv) / copy_bytes_per_s, flops / matmul_flops_per_s)
         steps += 1

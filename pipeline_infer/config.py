@@ -65,6 +65,14 @@ class EngineConfig:
     # supports it (Triton). On an H200 this took the random workload from 6.32 s to 5.42 s
     # (docs/benchmarks.md); True turns it off (eager prefill steps, less start-up and memory).
     disable_extend_cuda_graph: bool = False
+    # Cascade attention: decode rows whose prompts share cached prefix pages (the radix cache's)
+    # read those pages once per group of rows instead of once per row
+    # (kernels/triton/shared_prefix_attention.py; Triton backend, radix cache on). Off by
+    # default: on an H200 with 1,024 rows of the shared-prefix workload it cut attention by 41%
+    # and the decode step's device time by 18%, but a step's host work (~4 ms at that batch,
+    # plus ~0.75 ms to find the groups) then set the pace, and end to end it was no faster
+    # (2.36 vs 1.82 s and 2.37 vs 2.68 s in two calls; docs/benchmarks.md).
+    enable_cascade_attn: bool = False
 
     # outputs
     incremental_streaming_output: bool = False

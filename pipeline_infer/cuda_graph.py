@@ -9,6 +9,11 @@ to the next bucket, replays the graph and slices the logits.
 Padding rows are harmless: their token is 0 at position 0, their K/V go to slot 0 (page 0 is
 the pool's scratch page, never handed to a request) and they attend to that one slot.
 Sampling stays outside the graph: it depends on per-request parameters.
+
+When the model runner groups decode rows that share prefix pages (shared_prefix.py), a second
+set of graphs attends through the shared prefixes; it reads the groups from one more static
+buffer and is captured at coarser batch sizes (every 64 rows above 64), as it only runs when
+many rows share a prefix, where the padding rows cost little beside the reads it saves.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from pipeline_infer.forward_batch import ForwardBatch
+from pipeline_infer.forward_batch import ForwardBatch, ints_to_device
 
 if TYPE_CHECKING:
     from pipeline_infer.model_runner import ModelRunner
@@ -26,9 +31,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def batch_buckets(max_bs: int) -> list[int]:
-    """1, 2, 4, 8, then every 16 up to max_bs (and max_bs itself)."""
-    sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+def batch_buckets(max_bs: int, step: int = 16) -> list[int]:
+    """Powers of two below `step`, then every `step` rows up to max_bs (and max_bs itself)."""
+    small = [1 << i for i in range(step.bit_length()) if (1 << i) < min(step, max_bs)]
+    sizes = small + list(range(step, max_bs, step)) + [max_bs]
     return sorted(set(sizes))
 
 
@@ -82,10 +88,22 @@ class CudaGraphRunner:
         self.metadata: dict[int, object] = {}  # each graph's attention metadata, for re-planning
         # Backends whose metadata lives on the host (FlashInfer) re-plan before each replay.
         self._prepare = getattr(runner.attn_backend, "graph_prepare_replay", None)
+        # Graphs through shared prefixes: buckets, graphs, logits, and the groups' static buffer.
+        self.shared_buckets: list[int] = []
+        self.shared_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.shared_logits: dict[int, torch.Tensor] = {}
+        self.shared_buffer = None
+        self._packed_plan = None  # the plan the shared buffer holds
+        finder = runner.shared_prefix_finder
+        if finder is not None:
+            self.max_items = finder.max_items(max_bs)
+            size = runner.attn_backend.shared_prefix_buffer_size(max_bs, self.max_items)
+            self.shared_buffer = torch.zeros(size, dtype=torch.int32, device=dev)
+            self.shared_buckets = batch_buckets(max_bs, step=64)
         self._capture_all(max_context)
 
     # --- capture -----------------------------------------------------------------------------
-    def _static_batch(self, bs: int, max_context: int) -> ForwardBatch:
+    def _static_batch(self, bs: int, max_context: int, shared: bool = False) -> ForwardBatch:
         backend = self.runner.attn_backend
         fb = ForwardBatch(
             input_ids=self.input_ids[:bs],
@@ -97,7 +115,12 @@ class CudaGraphRunner:
             logits_indices=torch.arange(bs, device=self.device),
             attn_backend=backend,
         )
-        fb.attn_metadata = backend.graph_decode_metadata(self.seq_lens[:bs], self.page_table[:bs], max_context)
+        if shared:
+            fb.attn_metadata = backend.graph_decode_metadata(
+                self.seq_lens[:bs], self.page_table[:bs], max_context, self.shared_buffer, self.max_items
+            )
+        else:
+            fb.attn_metadata = backend.graph_decode_metadata(self.seq_lens[:bs], self.page_table[:bs], max_context)
         return fb
 
     def _forward(self, fb: ForwardBatch) -> torch.Tensor:
@@ -114,6 +137,17 @@ class CudaGraphRunner:
             self.logits[bs] = logits
             self.metadata[bs] = fb.attn_metadata
         logger.info("captured %d decode CUDA graphs (batch sizes %s)", len(self.graphs), self.buckets)
+        if self.shared_buffer is None:
+            return
+
+        def shared_batches(bs: int) -> ForwardBatch:
+            return self._static_batch(bs, max_context, shared=True)
+
+        # The buffer says "no groups" (num_items 0) while capturing: the prefix pass runs empty.
+        for bs, _, graph, logits in capture_graphs(self.device, self.shared_buckets, shared_batches, self._forward):
+            self.shared_graphs[bs] = graph
+            self.shared_logits[bs] = logits
+        logger.info("captured %d shared-prefix decode CUDA graphs", len(self.shared_graphs))
 
     # --- replay ------------------------------------------------------------------------------
     def can_run(self, fb: ForwardBatch) -> bool:
@@ -122,7 +156,9 @@ class CudaGraphRunner:
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
         """Logits [bs, vocab] of a decode batch (every row samples)."""
         bs = fb.batch_size
-        padded = next(b for b in self.buckets if b >= bs)
+        plan = fb.shared_prefix if self.shared_graphs else None
+        buckets = self.buckets if plan is None else self.shared_buckets
+        padded = next(b for b in buckets if b >= bs)
         width = fb.page_table.shape[1]
         self.input_ids[:bs].copy_(fb.input_ids)
         self.positions[:bs].copy_(fb.positions)
@@ -135,6 +171,13 @@ class CudaGraphRunner:
             self.out_cache_loc[bs:padded].zero_()
             self.seq_lens[bs:padded].fill_(1)
             self.page_table[bs:padded, 0].zero_()
+        if plan is not None:
+            if plan is not self._packed_plan:  # a step of the same requests has the same plan
+                ints = self.runner.attn_backend.pack_shared_prefix(plan, self.max_bs, self.max_items)
+                self.shared_buffer.copy_(ints_to_device(ints, self.device, torch.int32))
+                self._packed_plan = plan
+            self.shared_graphs[padded].replay()
+            return self.shared_logits[padded][:bs]
         if self._prepare is not None:
             self._prepare(self.metadata[padded], fb, padded)
         self.graphs[padded].replay()

@@ -32,8 +32,8 @@ def normalize_inputs(
         where = "" if single else f" (prompt {i})"
         if len(seq) == 0:
             raise ValueError(f"empty prompt{where}: a prompt needs at least one token")
-        bad = next((t for t in seq if not 0 <= t < engine.vocab_size), None)
-        if bad is not None:
+        if not 0 <= min(seq) <= max(seq) < engine.vocab_size:  # min/max run in C: ~20x a Python loop
+            bad = next(t for t in seq if not 0 <= t < engine.vocab_size)
             raise ValueError(f"token id {bad}{where} is outside the vocabulary [0, {engine.vocab_size})")
         if len(seq) >= engine.context_length:
             raise ValueError(
@@ -72,11 +72,17 @@ def _id_lists(input_ids: Any) -> tuple[list[list[int]], bool]:
             seq = seq.tolist()
         if not isinstance(seq, (list, tuple)):
             raise TypeError(f"input_ids[{i}] must be a list of int, got {type(seq).__name__}")
-        for t in seq:
-            if not _is_int(t):
-                raise TypeError(f"input_ids[{i}] holds {t!r} ({type(t).__name__}); token ids must be ints")
+        # One pass in C over the element types (a Python loop over a 1,000-prompt batch's ids
+        # took ~0.2 s of each generate call); the per-element check only where it fails.
+        if not set(map(type, seq)) <= _PLAIN_INT:
+            for t in seq:
+                if not _is_int(t):
+                    raise TypeError(f"input_ids[{i}] holds {t!r} ({type(t).__name__}); token ids must be ints")
         out.append(list(seq))
     return out, False
+
+
+_PLAIN_INT = {int}
 
 
 def _is_int(x: Any) -> bool:

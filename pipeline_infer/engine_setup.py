@@ -86,6 +86,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         chunked_prefill_size=cfg.chunked_prefill_size,
         max_running_requests=max_running,
         extend_cuda_graph=not (cfg.disable_extend_cuda_graph or cfg.disable_cuda_graph),
+        shared_prefix_attention=cfg.enable_cascade_attn and not cfg.disable_radix_cache,
     )
     # A lone sequence must always fit in the pool, so the pool also caps the context.
     context = min(context, runner.capacity_tokens)

@@ -32,6 +32,8 @@ class ForwardBatch:
     attn_backend: "AttentionBackend | None" = None
     attn_metadata: Any = None  # whatever the backend's plan() computed for this batch
     extras: dict = field(default_factory=dict)  # e.g. "hidden_states" requests
+    # Decode steps: which rows share prefix pages (a shared_prefix.SharedPrefixPlan), or None.
+    shared_prefix: Any = None
 
     @property
     def batch_size(self) -> int:

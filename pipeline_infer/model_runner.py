@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CPU_KV_BUDGET_BYTES = 2 << 30  # the CPU has no memory gauge worth trusting; 2 GiB serves batch jobs
+# Prefix groups one decode step attends to together (bounds the kernel's work list).
+_MAX_SHARED_PREFIX_GROUPS = 64
 
 
 @dataclass
@@ -62,6 +64,7 @@ class ModelRunner:
         chunked_prefill_size: int = 8192,
         max_running_requests: int = 256,
         extend_cuda_graph: bool = False,
+        shared_prefix_attention: bool = False,
     ):
         self.model = model
         self.hf_config = hf_config
@@ -93,6 +96,15 @@ class ModelRunner:
             DevicePageTable(device) if getattr(self.attn_backend, "reads_page_table_on_device", False) else None
         )
         self._prev_sampled: torch.Tensor | None = None  # the last launched step's samples (device)
+        # Decode rows that share prefix pages (the radix cache's) attend to them once per group,
+        # where the backend can (Triton: kernels/triton/shared_prefix_attention.py).
+        self.shared_prefix_finder = None
+        rows_per_item = getattr(self.attn_backend, "shared_prefix_rows", None)
+        if shared_prefix_attention and rows_per_item:
+            from pipeline_infer.shared_prefix import SharedPrefixFinder
+
+            self.shared_prefix_finder = SharedPrefixFinder(page_size, rows_per_item, _MAX_SHARED_PREFIX_GROUPS)
+        self.shared_prefix_steps = 0  # decode steps that attended through shared prefixes (for tests)
         self.timer = None  # a step_timing.StepTimer when the engine was asked for step timing
         self.graph_runner = None
         if cuda_graph_max_bs > 0 and device.type == "cuda" and hasattr(self.attn_backend, "graph_decode_metadata"):
@@ -276,6 +288,12 @@ class ModelRunner:
             logits_indices=logits_dev,
             attn_backend=self.attn_backend,
         )
+        finder = self.shared_prefix_finder
+        if finder is not None and n == len(reqs):  # a decode step (one token a row)
+            chunks = batch.chunks
+            fb.shared_prefix = finder.plan(reqs, lambda: [c.start + 1 for c in chunks])
+            if fb.shared_prefix is not None:
+                self.shared_prefix_steps += 1
         return fb
 
     def _fill_in_flight(self, input_ids: torch.Tensor, rows: list[int], sources: list[int]) -> torch.Tensor:
@@ -389,6 +407,8 @@ class ModelRunner:
     def on_idle(self) -> None:
         """The engine has nothing to run: drop per-batch state kept from step to step."""
         self.page_tables.reset()
+        if self.shared_prefix_finder is not None:
+            self.shared_prefix_finder.reset()
         if self.device_tables is not None:
             self.device_tables.reset()
         hook = getattr(self.attn_backend, "on_idle", None)

@@ -91,6 +91,8 @@ class Request:
     # probe (max_prefix_len, first page, cached tokens, cache stamp) and the batch group key.
     prefix_probe: Any = None
     group_key: Any = None
+    # Model-runner memo: pages shared with the first row of its decode group (shared_prefix.py).
+    shared_prefix_memo: Any = None
 
     # output state (owned by the engine core)
     output_text: str = ""  # text released to the user so far

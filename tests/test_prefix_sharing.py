@@ -250,3 +250,26 @@ def test_bundled_model_shared_prefix_radix_on_off(bundled_engine):
         mine = sorted(o["meta_info"]["cached_tokens"] for o, gg in zip(on, groups) if gg == g)
         assert mine[0] == 0 and all(c >= 96 for c in mine[1:]), (g, mine)
     bundled_engine.flush_cache()
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_cascade_decode_through_shared_prefixes_matches_hf(tiny, workload, page_size):
+    """enable_cascade_attn=True, the Triton backend (Triton's interpreter on the CPU) and the radix
+    cache: decode steps attend to each group's shared prefix once per group of rows
+    (shared_prefix_attention.py). Outputs equal HF's, as without it, and the shared path ran."""
+    pytest.importorskip("triton")
+    directory, _ = tiny
+    prompts, _, _, max_new, expected = workload
+    n = 2 * PER_GROUP  # two groups' worth keeps the interpreter's run short
+    steps = {}
+    for enable in (True, False):
+        with Engine(
+            directory, page_size=page_size, max_total_tokens=8192, attention_backend="triton", dtype="float32",
+            chunked_prefill_size=1024, enable_cascade_attn=enable,
+        ) as llm:
+            outs = generate(llm, prompts[:n], max_new[:n])
+            assert [o["output_ids"] for o in outs] == expected[:n], enable
+            steps[enable] = llm._runner.shared_prefix_steps
+            assert_all_pages_accounted(llm)
+    assert steps[False] == 0  # off by default
+    assert steps[True] >= 8  # every decode step while both groups' rows run together

@@ -8,7 +8,7 @@ import pytest
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
-from roofline import ModelShape, floor_seconds, unique_prefill_tokens  # noqa: E402
+from roofline import ModelShape, floor_seconds, shared_prefix_lens, unique_prefill_tokens  # noqa: E402
 
 CONFIGS = os.path.join(HERE, "..", "benchmarks", "configs")
 
@@ -49,3 +49,17 @@ def test_max_running_caps_the_batch():
     narrow = floor_seconds(shape, reqs, 2, 3e12, 8e14)
     assert wide["decode_steps"] == 10 and narrow["decode_steps"] == 40
     assert narrow["decode_s"] > 3 * wide["decode_s"]  # weights re-read 4x as often
+
+
+def test_a_shared_prefix_is_read_once_a_decode_step_with_prefix_sharing():
+    shape = ModelShape(vocab=10, hidden=4, intermediate=8, layers=1, q_heads=2, kv_heads=1, head_dim=2,
+                       qkv_bias=False, qk_norm=False, tied_embeddings=True)
+    weights, kv_tok = 2 * (152 + 4 + 10 * 4), 1 * 2 * 1 * 2 * 2
+    # Two prompts sharing [1, 2, 3], a third alone; one decode step each, at context 5, 5 and 3.
+    reqs = [([1, 2, 3, 9], 2), ([1, 2, 3, 8], 2), ([4, 5], 2)]
+    assert shared_prefix_lens([p for p, _ in reqs]) == [3, 3, 0]
+    rates = dict(copy_bytes_per_s=1.0, matmul_flops_per_s=1e30)
+    shared = floor_seconds(shape, reqs, 8, prefix_sharing=True, **rates)
+    private = floor_seconds(shape, reqs, 8, prefix_sharing=False, **rates)
+    assert private["decode_s"] == pytest.approx(weights + (5 + 5 + 3) * kv_tok)
+    assert shared["decode_s"] == pytest.approx(weights + (2 + 2 + 3 + 3) * kv_tok)  # [1, 2, 3] once

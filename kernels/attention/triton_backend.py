@@ -28,6 +28,13 @@ from pipeline_infer.kernels.triton.decode_attention import (
 )
 from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks, tokens_per_block
 from pipeline_infer.kernels.triton.rope_store_kv import rope_store_kv
+from pipeline_infer.kernels.triton.shared_prefix_attention import (
+    ITEM_FIELDS,
+    SharedPrefix,
+    choose_prefix_splits,
+    rows_per_item,
+    shared_prefix_decode_attention,
+)
 from pipeline_infer.kernels.triton.store_kv import store_kv
 from pipeline_infer.layers.rotary import RotaryEmbedding
 
@@ -45,6 +52,8 @@ class TritonAttentionMetadata:
     block_seq: torch.Tensor | None = None  # [NB] int32: the block's sequence
     block_start: torch.Tensor | None = None  # [NB] int32: its first new-token index in that sequence
     num_blocks: torch.Tensor | None = None  # [1] int32: entries in use (graph replay: buffers are longer)
+    # Decode only: rows that share prefix pages attend to them once per group (batch.shared_prefix).
+    shared: SharedPrefix | None = None
 
 
 class TritonAttentionBackend:
@@ -75,6 +84,9 @@ class TritonAttentionBackend:
         if num_sms is not None and num_sms < 1:
             raise ValueError(f"num_sms must be >= 1, got {num_sms}")
         self._num_sms = num_sms if num_sms is not None else device_num_sms(kv_pool.device)
+        # Decode rows sharing a prefix are attended to it together, this many a program
+        # (shared_prefix_attention.py); the model runner groups them (pipeline_infer/shared_prefix.py).
+        self.shared_prefix_rows = rows_per_item(num_q_heads, num_kv_heads)
 
     def plan(self, batch: ForwardBatch) -> None:
         """Build the kernels' int32 metadata from the batch's host lists (host work, no device sync)."""
@@ -109,18 +121,53 @@ class TritonAttentionBackend:
             ),
             block_seq=block_seq,
             block_start=block_start,
+            shared=self._shared_prefix(batch.shared_prefix, batch.batch_size) if is_decode else None,
+        )
+
+    def _shared_prefix(self, plan, batch_size: int) -> SharedPrefix | None:
+        """The kernel's view of a host SharedPrefixPlan: one host-to-device copy."""
+        if plan is None:
+            return None
+        ints = _int32_tensor(plan.kv_starts + plan.rows + plan.items + [plan.num_items], self.kv_pool.device)
+        kv_starts, rows, items, num_items = ints.split([batch_size, len(plan.rows), len(plan.items), 1])
+        splits = choose_prefix_splits(plan.num_items, self.num_kv_heads, plan.longest_prefix, self._num_sms)
+        return SharedPrefix(kv_starts, rows, items.view(-1, ITEM_FIELDS), num_items, splits)
+
+    def shared_prefix_buffer_size(self, max_bs: int, max_items: int) -> int:
+        """int32s of the static buffer graph_decode_metadata(shared_buffer=...) reads."""
+        return 2 * max_bs + max_items * ITEM_FIELDS + 1
+
+    def pack_shared_prefix(self, plan, max_bs: int, max_items: int) -> list[int]:
+        """Host values of that buffer for one step (rows past the plan's batch: no prefix)."""
+        if plan.num_items > max_items or len(plan.kv_starts) > max_bs:
+            raise ValueError(f"a plan of {len(plan.kv_starts)} rows / {plan.num_items} entries exceeds {max_bs} / {max_items}")
+        return (
+            plan.kv_starts + [0] * (max_bs - len(plan.kv_starts))
+            + plan.rows + [0] * (max_bs - len(plan.rows))
+            + plan.items + [0] * ((max_items - plan.num_items) * ITEM_FIELDS) + [plan.num_items]
         )
 
     def graph_decode_metadata(
-        self, seq_lens: torch.Tensor, page_table: torch.Tensor, max_context: int
+        self, seq_lens: torch.Tensor, page_table: torch.Tensor, max_context: int,
+        shared_buffer: torch.Tensor | None = None, max_items: int = 0,
     ) -> TritonAttentionMetadata:
         """Decode metadata over static buffers, for CUDA-graph capture.
 
         The split count is fixed at capture for the longest possible sequence; the kernel
         divides each sequence's actual length among the splits, so shorter ones leave some
-        splits empty (they cost a launch slot, not memory traffic).
+        splits empty (they cost a launch slot, not memory traffic). With shared_buffer (laid
+        out by pack_shared_prefix, sized by shared_prefix_buffer_size), the graph attends
+        through shared prefixes, with the prefix split count fixed likewise.
         """
         bs = seq_lens.shape[0]
+        shared = None
+        if shared_buffer is not None:
+            max_bs = (shared_buffer.numel() - max_items * ITEM_FIELDS - 1) // 2
+            kv_starts, _, rows, items, num_items = shared_buffer.split(
+                [bs, max_bs - bs, max_bs, max_items * ITEM_FIELDS, 1]
+            )
+            splits = choose_prefix_splits(max(1, bs // self.shared_prefix_rows), self.num_kv_heads, max_context, self._num_sms)
+            shared = SharedPrefix(kv_starts, rows, items.view(-1, ITEM_FIELDS), num_items, splits)
         return TritonAttentionMetadata(
             is_decode=True,
             seq_lens=seq_lens,
@@ -129,6 +176,7 @@ class TritonAttentionBackend:
             page_table=page_table,
             max_extend_len=1,
             num_kv_splits=choose_num_kv_splits(bs, self.num_kv_heads, max_context, self._num_sms),
+            shared=shared,
         )
 
     def forward(
@@ -173,6 +221,10 @@ class TritonAttentionBackend:
         """Attention of q over layer_id's cache, which already holds this step's K/V (with `rope`,
         a decode step: the kernel rotates q and k and stores the new K/V itself)."""
         k_cache, v_cache = self.kv_pool.k_cache[layer_id], self.kv_pool.v_cache[layer_id]
+        if md.shared is not None:
+            return shared_prefix_decode_attention(
+                q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.shared, md.num_kv_splits, rope=rope
+            )
         if md.is_decode:
             return decode_attention(q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits, rope=rope)
         return extend_attention(

@@ -17,6 +17,7 @@ from typing import Any
 _POINTER_TYPES = {
     "page_table_ptr": "*i32", "seq_lens_ptr": "*i32", "qo_indptr_ptr": "*i32", "prefix_lens_ptr": "*i32",
     "block_seq_ptr": "*i32", "block_start_ptr": "*i32", "num_blocks_ptr": "*i32",
+    "kv_start_ptr": "*i32", "rows_ptr": "*i32", "items_ptr": "*i32", "num_items_ptr": "*i32",
     "loc_ptr": "*i64", "pos_ptr": "*i64", "lse_ptr": "*fp32", "part_ptr": "*fp32", "cos_sin_ptr": "*fp32",
 }
 _FLOAT_ARGS = {"sm_scale_log2", "eps"}
@@ -25,16 +26,23 @@ _FLOAT_ARGS = {"sm_scale_log2", "eps"}
 def _variants() -> list[tuple[Any, dict, str]]:
     """(kernel, constexprs, dtype of data pointers) for each compiled variant the wrappers use."""
     from pipeline_infer.kernels.triton import (
-        activation, decode_attention, extend_attention, rms_norm, rope_store_kv, rotary, store_kv,
+        activation, decode_attention, extend_attention, rms_norm, rope_store_kv, rotary, shared_prefix_attention,
+        store_kv,
     )
 
     decode = dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_H=16, BLOCK_D=64, BLOCK_N=64)
+    prefix = dict(PAGE_SIZE=1, GROUP=7, HEAD_DIM=64, BLOCK_H=8, ROWS=16, BLOCK_D=64, BLOCK_N=64, DOT_FP32=False)
     extend = dict(PAGE_SIZE=16, GROUP=4, HEAD_DIM=128, TOKENS_PER_BLOCK=16, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128)
     return [
         (store_kv._store_kv_kernel, dict(NUM_HEADS=2, HEAD_DIM=64, BLOCK_H=2, BLOCK_D=64), "bf16"),
         (decode_attention._decode_split_kernel, dict(decode, WRITE_LSE=True, DOT_FP32=False), "bf16"),
         (decode_attention._decode_split_kernel, dict(decode, PAGE_SIZE=1, WRITE_LSE=False, DOT_FP32=True), "fp32"),
-        (decode_attention._decode_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=8), "bf16"),
+        (decode_attention._decode_split_kernel, dict(decode, WRITE_LSE=True, DOT_FP32=False, HAS_START=True), "bf16"),
+        (decode_attention._decode_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=8, HAS_START=False), "bf16"),
+        (decode_attention._decode_merge_kernel, dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=4, HAS_START=True), "bf16"),
+        (shared_prefix_attention._shared_prefix_kernel, dict(prefix, FUSE_ROPE=True, HALF=32), "bf16"),
+        (shared_prefix_attention._shared_prefix_kernel, dict(prefix, GROUP=4, BLOCK_H=4, ROWS=32, HEAD_DIM=128,
+                                                             BLOCK_D=128, BLOCK_N=32, FUSE_ROPE=False, HALF=0), "bf16"),
         (extend_attention._extend_kernel, dict(extend, DOT_FP32=False, BOUNDED=False), "bf16"),
         (extend_attention._extend_kernel, dict(extend, DOT_FP32=False, BOUNDED=True), "bf16"),
         (extend_attention._extend_kernel, dict(extend, PAGE_SIZE=1, GROUP=7, TOKENS_PER_BLOCK=9, DOT_FP32=True,

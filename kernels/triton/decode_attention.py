@@ -35,7 +35,7 @@ MIN_TOKENS_PER_SPLIT = 256
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-    sm_scale_log2, num_splits,
+    sm_scale_log2, num_splits, kv_start_ptr,
     stride_qb, stride_qh,
     stride_kp, stride_ko, stride_kh, stride_vp, stride_vo, stride_vh,
     stride_pt,
@@ -48,14 +48,20 @@ def _decode_split_kernel(
     k_new_ptr, v_new_ptr, pos_ptr, loc_ptr, cos_sin_ptr,
     stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
     FUSE_ROPE: tl.constexpr, HALF: tl.constexpr,
+    # HAS_START: sequence b attends only to keys from kv_start_ptr[b] on (the keys before are a
+    # shared prefix that shared_prefix_attention attends to once for the rows sharing it).
+    HAS_START: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
+    first = 0
+    if HAS_START:
+        first = tl.load(kv_start_ptr + b)
     # Splits are whole multiples of BLOCK_N so only a sequence's last block is partly masked.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    split_len = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -143,13 +149,19 @@ def _rotate(x, x_pair, cos, sin):
 def _decode_merge_kernel(
     part_ptr, lse_ptr, out_ptr, num_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    kv_start_ptr, num_own_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_START: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
+    num_read = num_splits
+    if HAS_START:
+        # Splits from num_own_splits on hold the shared-prefix pass, written only for rows that
+        # have a prefix (kv_start > 0): the other rows never read them.
+        num_read = tl.where(tl.load(kv_start_ptr + b) > 0, num_splits, num_own_splits)
+    s_mask = offs_s < num_read
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
@@ -230,7 +242,6 @@ def decode_attention(
     num_pages, page_size, num_kv_heads, _ = k_cache.shape
     if rope is not None:
         _check_rope_args(rope, batch, num_kv_heads, head_dim)
-    group = num_q_heads // num_kv_heads
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous even when q is a view
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -243,57 +254,100 @@ def decode_attention(
     if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
         raise ValueError(f"num_kv_splits must be in [1, {MAX_KV_SPLITS}], got {num_kv_splits}")
 
-    block_d = next_power_of_2(head_dim)
+    block_n, num_stages = _launch_settings(head_dim, block_n, num_stages)
+    if num_kv_splits == 1:
+        # One split: stage 1 writes the output itself (lse is unused: WRITE_LSE=False).
+        launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, out, None, 1, rope,
+                            block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        return out
+    part, lse = split_buffers(q, num_kv_splits)
+    launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, part, lse, num_kv_splits, rope,
+                        block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    launch_decode_merge(part, lse, out, num_kv_splits)
+    return out
+
+
+def _launch_settings(head_dim: int, block_n: int | None, num_stages: int | None) -> tuple[int, int]:
     default_block_n, default_stages = default_launch(head_dim)
     block_n = default_block_n if block_n is None else block_n
     num_stages = default_stages if num_stages is None else num_stages
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    if num_kv_splits == 1:
-        part, lse = out, out  # lse is unused: WRITE_LSE=False
-        part_strides = (out.stride(0), out.stride(1), 0)
-        lse_strides = (0, 0)
-    else:
-        part = torch.empty((batch, num_q_heads, num_kv_splits, block_d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
-        part_strides = (part.stride(0), part.stride(1), part.stride(2))
-        lse_strides = (lse.stride(0), lse.stride(1))
-    if rope is None:
-        # Unused pointers and strides when FUSE_ROPE is off (any tensor will do).
-        rope_args = dict(
-            k_new_ptr=q, v_new_ptr=q, pos_ptr=seq_lens, loc_ptr=seq_lens, cos_sin_ptr=q,
-            stride_knb=0, stride_knh=0, stride_vnb=0, stride_vnh=0, stride_cs=0, FUSE_ROPE=False, HALF=0,
-        )
-    else:
-        rope_args = dict(
-            k_new_ptr=rope.k, v_new_ptr=rope.v, pos_ptr=rope.positions, loc_ptr=rope.out_cache_loc,
-            cos_sin_ptr=rope.cos_sin_cache, stride_knb=rope.k.stride(0), stride_knh=rope.k.stride(1),
-            stride_vnb=rope.v.stride(0), stride_vnh=rope.v.stride(1), stride_cs=rope.cos_sin_cache.stride(0),
-            FUSE_ROPE=True, HALF=rope.cos_sin_cache.shape[1] // 2,
-        )
+    return block_n, num_stages
 
+
+def split_buffers(q: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's per-split outputs [B, Hq, num_slots, pow2(head_dim)] and log-sum-exps [B, Hq, num_slots], fp32."""
+    batch, num_q_heads, head_dim = q.shape
+    part = torch.empty((batch, num_q_heads, num_slots, next_power_of_2(head_dim)), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, num_q_heads, num_slots), dtype=torch.float32, device=q.device)
+    return part, lse
+
+
+def launch_decode_split(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float,
+    part: torch.Tensor,  # the output [B, Hq, D] when lse is None, else split_buffers' part
+    lse: torch.Tensor | None, num_kv_splits: int, rope: DecodeRope | None,
+    kv_starts: torch.Tensor | None = None,  # [B] int32: first key each sequence attends to (default 0)
+    block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+) -> None:
+    """Stage 1 (arguments already checked): splits 0..num_kv_splits-1 of each sequence's keys."""
+    batch, num_q_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    if lse is None:
+        part_strides, lse, lse_strides = (part.stride(0), part.stride(1), 0), part, (0, 0)
+    else:
+        part_strides, lse_strides = (part.stride(0), part.stride(1), part.stride(2)), (lse.stride(0), lse.stride(1))
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_cache, v_cache, page_table, seq_lens, part, lse,
-        scale * LOG2E, num_kv_splits,
+        scale * LOG2E, num_kv_splits, seq_lens if kv_starts is None else kv_starts,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         *part_strides, *lse_strides,
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
-        WRITE_LSE=num_kv_splits > 1, DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_decode_split_kernel),
-        **rope_args,
+        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_D=next_power_of_2(head_dim), BLOCK_N=block_n,
+        WRITE_LSE=lse is not part, DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_decode_split_kernel),
+        **_rope_args(rope, q, seq_lens), HAS_START=kv_starts is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_kv_splits > 1:
-        _decode_merge_kernel[(batch, num_q_heads)](
-            part, lse, out, num_kv_splits,
-            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_power_of_2(num_kv_splits),
+
+
+def launch_decode_merge(
+    part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, num_slots: int,
+    kv_starts: torch.Tensor | None = None, num_own_splits: int | None = None,
+) -> None:
+    """Stage 2: out[b, h] from the num_slots partial results of (b, h), weighted by their lse.
+
+    With kv_starts, slots from num_own_splits on are read only for rows with kv_starts[b] > 0.
+    """
+    batch, num_q_heads, head_dim = out.shape
+    _decode_merge_kernel[(batch, num_q_heads)](
+        part, lse, out, num_slots,
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        lse if kv_starts is None else kv_starts, num_slots if num_own_splits is None else num_own_splits,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), BLOCK_S=next_power_of_2(num_slots),
+        HAS_START=kv_starts is not None,
+    )
+
+
+def _rope_args(rope: DecodeRope | None, q: torch.Tensor, seq_lens: torch.Tensor) -> dict:
+    if rope is None:
+        # Unused pointers and strides when FUSE_ROPE is off (any tensor will do).
+        return dict(
+            k_new_ptr=q, v_new_ptr=q, pos_ptr=seq_lens, loc_ptr=seq_lens, cos_sin_ptr=q,
+            stride_knb=0, stride_knh=0, stride_vnb=0, stride_vnh=0, stride_cs=0, FUSE_ROPE=False, HALF=0,
         )
-    return out
+    return dict(
+        k_new_ptr=rope.k, v_new_ptr=rope.v, pos_ptr=rope.positions, loc_ptr=rope.out_cache_loc,
+        cos_sin_ptr=rope.cos_sin_cache, stride_knb=rope.k.stride(0), stride_knh=rope.k.stride(1),
+        stride_vnb=rope.v.stride(0), stride_vnh=rope.v.stride(1), stride_cs=rope.cos_sin_cache.stride(0),
+        FUSE_ROPE=True, HALF=rope.cos_sin_cache.shape[1] // 2,
+    )
 
 
 def _check_rope_args(rope: DecodeRope, batch: int, num_kv_heads: int, head_dim: int) -> None:

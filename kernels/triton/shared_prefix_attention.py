@@ -1,0 +1,231 @@
+"""Decode attention for sequences that share a cached prefix (cascade attention).
+
+When many running sequences start with the same cached pages (one long system prompt, one
+document with many questions: the radix cache hands them the same pages), the split decode
+kernel still reads those pages once per sequence, and at a large batch those reads are most
+of a decode step. Here the rows that share a prefix attend to it together: one program loads
+each prefix key and value once and scores it against the queries of up to ROWS rows times
+their GQA group, a [ROWS * BLOCK_H, head_dim] tile (a prefill-sized matmul in place of ROWS
+decode-sized ones). Each row's keys after the prefix go through the split decode kernel
+(`kv_starts`), which also does the step's rotary embedding and K/V store; the merge kernel
+then combines the row's partial softmaxes by their log-sum-exps, as it combines splits.
+
+The work list (`SharedPrefix.items`) has one entry per ROWS rows of one group: a group of 32
+rows at ROWS = 16 reads its prefix twice a step instead of 32 times. Entries past
+`num_items` are not run, so CUDA graphs capture the grid once for the largest list.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from pipeline_infer.kernels.triton.decode_attention import (
+    LOG2E,
+    MAX_KV_SPLITS,
+    DecodeRope,
+    _check_decode_args,
+    _check_rope_args,
+    _launch_settings,
+    _rope_factors,
+    _rotate,
+    choose_num_kv_splits,
+    device_num_sms,
+    launch_decode_merge,
+    launch_decode_split,
+    split_buffers,
+)
+from pipeline_infer.kernels.triton.launch import check_dtype, check_launchable, is_interpreted, next_power_of_2
+from pipeline_infer.kernels.triton.paged_block import attend_paged_block
+
+# Query rows of one program: ROWS sequences x BLOCK_H heads. 128 keeps the fp32 accumulator of
+# a head_dim 128 tile in registers at 8 warps.
+TILE_ROWS = 128
+MAX_PREFIX_SPLITS = 16
+ITEM_FIELDS = 4  # first index into rows, number of rows, prefix length, batch row holding the prefix pages
+
+
+class SharedPrefix(NamedTuple):
+    """Which rows of a decode batch share which prefix (built by pipeline_infer/shared_prefix.py)."""
+
+    kv_starts: torch.Tensor  # [B] int32: row b's own keys start here; the keys before are its shared prefix (0: none)
+    rows: torch.Tensor  # [R] int32: batch rows, each group's rows next to each other
+    items: torch.Tensor  # [max_items, ITEM_FIELDS] int32: one entry per rows_per_item rows of a group
+    num_items: torch.Tensor  # [1] int32: entries in use
+    num_splits: int  # splits of each prefix (programs per entry and kv head)
+
+
+def rows_per_item(num_q_heads: int, num_kv_heads: int) -> int:
+    """Sequences one program attends to its prefix at once."""
+    return max(1, TILE_ROWS // max(1, next_power_of_2(num_q_heads // num_kv_heads)))
+
+
+def choose_prefix_splits(num_items: int, num_kv_heads: int, longest_prefix: int, num_sms: int) -> int:
+    """Enough splits of each prefix for about two programs an SM, none shorter than 256 keys."""
+    programs = max(1, num_items * num_kv_heads)
+    wanted = -(-2 * num_sms // programs)
+    by_length = max(1, -(-longest_prefix // 256))
+    return max(1, min(wanted, by_length, MAX_PREFIX_SPLITS))
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, rows_ptr, items_ptr, num_items_ptr, part_ptr, lse_ptr,
+    sm_scale_log2, num_splits, first_slot,
+    stride_qb, stride_qh,
+    stride_kp, stride_ko, stride_kh, stride_vp, stride_vo, stride_vh,
+    stride_pt,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    pos_ptr, cos_sin_ptr, stride_cs,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, FUSE_ROPE: tl.constexpr, HALF: tl.constexpr,
+):
+    item = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    # Entries past num_items (graph replay: the grid is sized for the largest list) do nothing.
+    live = item < tl.load(num_items_ptr)
+    entry = items_ptr + item * 4
+    first_row = tl.load(entry, mask=live, other=0)
+    num_rows = tl.load(entry + 1, mask=live, other=0)
+    prefix_len = tl.load(entry + 2, mask=live, other=0)
+    table_row = tl.load(entry + 3, mask=live, other=0).to(tl.int64)
+    split_len = tl.cdiv(tl.cdiv(prefix_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, prefix_len)
+
+    # Tile row m is query head m % BLOCK_H of the group's (m // BLOCK_H)-th sequence.
+    offs_m = tl.arange(0, ROWS * BLOCK_H)
+    r = offs_m // BLOCK_H
+    h = offs_m % BLOCK_H
+    r_mask = r < num_rows
+    m_mask = r_mask & (h < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    md_mask = m_mask[:, None] & d_mask[None, :]
+    b = tl.load(rows_ptr + first_row + r, mask=r_mask, other=0).to(tl.int64)
+    heads = kvh * GROUP + h
+    q_ptrs = q_ptr + b[:, None] * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=md_mask, other=0.0)
+    if FUSE_ROPE:
+        # q arrives unrotated (the decode kernel rotates its own copy): rotate each row by its position.
+        pos = tl.load(pos_ptr + b, mask=r_mask, other=0).to(tl.int64)
+        cos, sin, partner = _rope_factors(cos_sin_ptr + pos[:, None] * stride_cs, offs_d, HALF)
+        q_pair = tl.load(q_ptrs + partner[None, :], mask=md_mask, other=0.0)
+        q = _rotate(q, q_pair, cos, sin).to(q_ptr.dtype.element_ty)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_cache_ptr.dtype.element_ty)
+
+    acc = tl.zeros([ROWS * BLOCK_H, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([ROWS * BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS * BLOCK_H], dtype=tl.float32)
+    page_row_ptr = page_table_ptr + table_row * stride_pt
+    for n0 in range(start, end, BLOCK_N):
+        acc, m_i, l_i = attend_paged_block(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, page_row_ptr, n0, end, offs_m,
+            kvh * stride_kh, kvh * stride_vh, stride_kp, stride_ko, stride_vp, stride_vo,
+            sm_scale_log2, offs_d, d_mask,
+            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, DOT_FP32=DOT_FP32,
+        )
+
+    # An empty split writes zeros and lse = -inf, so the merge weighs it 0.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    slot = first_slot + split
+    o_ptrs = part_ptr + b[:, None] * stride_ob + heads[:, None] * stride_oh + slot * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out, mask=md_mask)
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + slot, lse, mask=m_mask)
+
+
+def shared_prefix_decode_attention(
+    q: torch.Tensor,  # [B, num_q_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,  # [B, max_pages] int32
+    seq_lens: torch.Tensor,  # [B] int32, keys per sequence including the current token
+    scale: float,
+    shared: SharedPrefix,
+    num_kv_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    rope: DecodeRope | None = None,
+) -> torch.Tensor:
+    """decode_attention's result (same arguments), reading each shared prefix once per work-list entry.
+
+    The caller guarantees what `shared` says: every row listed in an entry has the entry's
+    prefix length as its kv_starts, fewer than its seq_len, and its first kv_starts keys in the
+    same pages as the entry's table row. Rows with kv_starts 0 attend as in decode_attention.
+    """
+    check_launchable(_shared_prefix_kernel, q, k_cache, v_cache, page_table, seq_lens, out, *shared[:4], *(rope or ()))
+    batch, num_q_heads, head_dim = _check_decode_args(q, k_cache, v_cache, page_table, seq_lens)
+    num_kv_heads = k_cache.shape[2]
+    if rope is not None:
+        _check_rope_args(rope, batch, num_kv_heads, head_dim)
+    _check_shared(shared, batch)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor with a contiguous last dim")
+    if batch == 0:
+        return out
+    if num_kv_splits is None:
+        max_len = page_table.shape[1] * k_cache.shape[1]
+        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_len, device_num_sms(q.device))
+    if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
+        raise ValueError(f"num_kv_splits must be in [1, {MAX_KV_SPLITS}], got {num_kv_splits}")
+    block_n, num_stages = _launch_settings(head_dim, None, None)
+    slots = num_kv_splits + shared.num_splits
+    part, lse = split_buffers(q, slots)
+    launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, part, lse, num_kv_splits, rope,
+                        kv_starts=shared.kv_starts, block_n=block_n, num_stages=num_stages)
+    _launch_prefix(q, k_cache, v_cache, page_table, scale, shared, part, lse, num_kv_splits, rope)
+    launch_decode_merge(part, lse, out, slots, kv_starts=shared.kv_starts, num_own_splits=num_kv_splits)
+    return out
+
+
+def _launch_prefix(q, k_cache, v_cache, page_table, scale, shared: SharedPrefix, part, lse, first_slot, rope) -> None:
+    _, num_q_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    block_h = next_power_of_2(group)
+    rows = rows_per_item(num_q_heads, num_kv_heads)
+    block_d = next_power_of_2(head_dim)
+    if rope is None:
+        pos, cos_sin, stride_cs, half = shared.kv_starts, q, 0, 0  # unused
+    else:
+        pos, cos_sin = rope.positions, rope.cos_sin_cache
+        stride_cs, half = cos_sin.stride(0), cos_sin.shape[1] // 2
+    _shared_prefix_kernel[(shared.items.shape[0], num_kv_heads, shared.num_splits)](
+        q, k_cache, v_cache, page_table, shared.rows, shared.items, shared.num_items, part, lse,
+        scale * LOG2E, shared.num_splits, first_slot,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        pos, cos_sin, stride_cs,
+        PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, ROWS=rows,
+        BLOCK_D=block_d, BLOCK_N=64 if head_dim <= 64 else 32,
+        DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_shared_prefix_kernel),
+        FUSE_ROPE=rope is not None, HALF=half,
+        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+    )
+
+
+def _check_shared(shared: SharedPrefix, batch: int) -> None:
+    for name in ("kv_starts", "rows", "items", "num_items"):
+        check_dtype(f"shared.{name}", getattr(shared, name), (torch.int32,))
+    if shared.kv_starts.shape != (batch,):
+        raise ValueError(f"shared.kv_starts must have shape ({batch},), got {tuple(shared.kv_starts.shape)}")
+    if shared.items.dim() != 2 or shared.items.shape[1] != ITEM_FIELDS or not shared.items.is_contiguous():
+        raise ValueError(f"shared.items must be a contiguous [max_items, {ITEM_FIELDS}] tensor, got {tuple(shared.items.shape)}")
+    if shared.num_items.numel() != 1:
+        raise ValueError(f"shared.num_items must hold one value, got {shared.num_items.numel()}")
+    if not 1 <= shared.num_splits <= MAX_PREFIX_SPLITS:
+        raise ValueError(f"shared.num_splits must be in [1, {MAX_PREFIX_SPLITS}], got {shared.num_splits}")

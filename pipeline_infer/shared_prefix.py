@@ -1,0 +1,137 @@
+"""Which rows of a decode step share prefix pages, for shared-prefix (cascade) decode attention.
+
+The radix cache gives requests with a common prompt prefix the same KV pages. Rows whose page
+lists start with the same pages form a group; the group's prefix is attended to once per work
+entry (kernels/triton/shared_prefix_attention.py) instead of once per row. This module finds
+the groups on the host, from the requests' page lists, and lays out the kernel's int32 inputs.
+
+Cost: a step of the same requests as the last reuses the last answer. Otherwise grouping is
+one pass over the rows keyed by their first page, and each row's common length with its
+group's first row is remembered on the row (until either's pages change), so a row is compared
+page by page once, not every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+ITEM_FIELDS = 4  # must match kernels/triton/shared_prefix_attention.py
+
+
+@dataclass
+class SharedPrefixPlan:
+    """The kernel's inputs as host ints (see SharedPrefix in the kernel's module)."""
+
+    kv_starts: list[int]  # per row: keys of its shared prefix (0: none)
+    rows: list[int]  # batch rows, each group's together
+    items: list[int]  # ITEM_FIELDS ints per entry: first index into rows, rows, prefix length, table row
+    longest_prefix: int
+    saved_tokens: int  # keys a step no longer reads (per layer and kv head)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items) // ITEM_FIELDS
+
+
+def common_prefix_len(a: list[int], b: list[int], guess: int = 0) -> int:
+    """Length of the longest common prefix of two lists (slice comparisons run in C)."""
+    n = min(len(a), len(b))
+    if 0 < guess <= n and a[:guess] == b[:guess] and (guess == n or a[guess] != b[guess]):
+        return guess  # the usual case: the same length as the group's other rows
+    lo, hi = 0, n  # a[:lo] == b[:lo]; the answer is <= hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class SharedPrefixFinder:
+    def __init__(self, page_size: int, rows_per_item: int, max_groups: int, min_saving: float = 0.125):
+        """rows_per_item: rows one kernel entry serves; max_groups bounds the work list (graph
+        buffers are sized by it); a plan is made only when it saves at least min_saving of the
+        step's key reads."""
+        if rows_per_item < 1 or max_groups < 1:
+            raise ValueError(f"rows_per_item ({rows_per_item}) and max_groups ({max_groups}) must be >= 1")
+        self.page_size = page_size
+        self.rows_per_item = rows_per_item
+        self.max_groups = max_groups
+        self.min_saving = min_saving
+        self._last_reqs: list = []
+        self._last_ids: list[int] | None = None
+        self._last_versions: list[int] = []
+        self._last_plan: SharedPrefixPlan | None = None
+
+    def reset(self) -> None:
+        """Forget the last step (the engine is idle): drops the references to its requests."""
+        self._last_reqs, self._last_ids, self._last_versions, self._last_plan = [], None, [], None
+
+    def max_items(self, max_rows: int) -> int:
+        """Work entries a plan over at most max_rows rows can have."""
+        return -(-max_rows // self.rows_per_item) + self.max_groups
+
+    def plan(self, reqs: list, seq_lens: list[int] | Callable[[], list[int]]) -> SharedPrefixPlan | None:
+        """The step's plan, or None when no group saves enough. reqs[b] holds seq_lens[b] keys
+        (the new token's included); its pages are `reqs[b].pages`. seq_lens may be a function
+        giving them, called only when the batch is not the last step's."""
+        ids = list(map(id, reqs))
+        versions = [r.pages_version for r in reqs]
+        if ids == self._last_ids and versions == self._last_versions:
+            return self._last_plan  # sequences only grew: every prefix is still shared and shorter than them
+        # The requests are kept so that their ids cannot be reused by new ones.
+        self._last_reqs, self._last_ids, self._last_versions = list(reqs), ids, versions
+        self._last_plan = self._build(reqs, seq_lens() if callable(seq_lens) else seq_lens)
+        return self._last_plan
+
+    def _build(self, reqs: list, seq_lens: list[int]) -> SharedPrefixPlan | None:
+        by_first: dict[int, list[int]] = {}
+        for b, r in enumerate(reqs):
+            if r.pages:
+                by_first.setdefault(r.pages[0], []).append(b)
+        if len(by_first) == len(reqs):
+            return None  # no two rows share a first page (most batches without common prompts)
+        ps = self.page_size
+        groups = []  # (saved keys, rows, prefix length)
+        for rows in by_first.values():
+            if len(rows) < 2:
+                continue
+            first = reqs[rows[0]]
+            shared = first.num_shared_pages
+            for b in rows[1:]:
+                shared = min(shared, self._common_pages(first, reqs[b], shared))
+            prefix = min(shared * ps, min(seq_lens[b] for b in rows) - 1)
+            reads = -(-len(rows) // self.rows_per_item)
+            if prefix > 0 and len(rows) > reads:
+                groups.append(((len(rows) - reads) * prefix, rows, prefix))
+        groups.sort(key=lambda g: -g[0])
+        groups = groups[: self.max_groups]
+        saved = sum(g[0] for g in groups)
+        if not groups or saved < self.min_saving * sum(seq_lens):
+            return None
+        kv_starts = [0] * len(reqs)
+        order: list[int] = []
+        items: list[int] = []
+        for _, rows, prefix in groups:
+            for i in range(0, len(rows), self.rows_per_item):
+                items += (len(order) + i, min(self.rows_per_item, len(rows) - i), prefix, rows[0])
+            for b in rows:
+                kv_starts[b] = prefix
+            order += rows
+        return SharedPrefixPlan(kv_starts, order, items, max(g[2] for g in groups), saved)
+
+    @staticmethod
+    def _common_pages(first, other, guess: int) -> int:
+        """Pages `other` shares with `first` (its group's first row), remembered on `other`
+        until either's pages change other than by appending."""
+        key = (first, first.pages_version, other.pages_version)
+        memo = other.shared_prefix_memo
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        # Only pages the prefix cache owns can be shared; the rest are each request's own.
+        limit = min(first.num_shared_pages, other.num_shared_pages)
+        n = common_prefix_len(first.pages[:limit], other.pages[:limit], guess)
+        other.shared_prefix_memo = (key, n)
+        return n

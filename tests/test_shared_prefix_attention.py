@@ -1,0 +1,174 @@
+"""Shared-prefix (cascade) decode attention against plain decode attention over whole sequences.
+
+Groups of sequences share their first pages (as the radix cache hands them out); the finder
+(pipeline_infer/shared_prefix.py) groups the rows and the kernel must give what the torch
+reference gives attending every row over all its keys. Every cache slot no sequence owns is
+NaN, so reading outside a row's keys, or a prefix slot a row does not have, fails the test.
+Without CUDA the kernels run in Triton's interpreter at small sizes.
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+pytest.importorskip("triton")
+
+from pipeline_infer.kernels import reference as ref  # noqa: E402
+from pipeline_infer.kernels.triton.decode_attention import DecodeRope, decode_attention  # noqa: E402
+from pipeline_infer.kernels.triton.launch import is_interpreted  # noqa: E402
+from pipeline_infer.kernels.triton.shared_prefix_attention import (  # noqa: E402
+    SharedPrefix,
+    _shared_prefix_kernel,
+    rows_per_item,
+    shared_prefix_decode_attention,
+)
+from pipeline_infer.layers.rotary import RotaryEmbedding  # noqa: E402
+from pipeline_infer.shared_prefix import SharedPrefixFinder, common_prefix_len  # noqa: E402
+
+INTERPRETED = is_interpreted(_shared_prefix_kernel)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+def _fake_req(pages: list[int], shared: int) -> SimpleNamespace:
+    return SimpleNamespace(pages=pages, pages_version=0, num_shared_pages=shared, shared_prefix_memo=None)
+
+
+def _grouped_case(seed, groups, page_size, hkv, head_dim, dtype=torch.float32, own_lens=None):
+    """groups: [(prefix pages, [own tokens of each member])]. Returns caches, table, lens, fake requests.
+
+    Each member holds seq_len = prefix pages * page_size + own tokens keys (the last is the new token's).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    members = [(g, own) for g, (_, owns) in enumerate(groups) for own in owns]
+    total_pages = sum(p for p, _ in groups) + sum(-(-own // page_size) for _, own in members)
+    order = (torch.randperm(total_pages + 2, generator=gen) + 1).tolist()
+    shape = (total_pages + 3, page_size, hkv, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+
+    def fill(pages: list[int], n: int) -> None:
+        pos = torch.arange(n)
+        idx = torch.tensor(pages, dtype=torch.long)[pos // page_size], pos % page_size
+        k_cache[idx] = torch.randn(n, hkv, head_dim, generator=gen).to(dtype)
+        v_cache[idx] = torch.randn(n, hkv, head_dim, generator=gen).to(dtype)
+
+    prefix_pages = []
+    for num_pages, _ in groups:
+        pages = [order.pop() for _ in range(num_pages)]
+        fill(pages, num_pages * page_size)
+        prefix_pages.append(pages)
+    reqs, lens = [], []
+    for g, own in members:
+        own_pages = [order.pop() for _ in range(-(-own // page_size))]
+        fill(own_pages, own)
+        reqs.append(_fake_req(prefix_pages[g] + own_pages, len(prefix_pages[g])))
+        lens.append(len(prefix_pages[g]) * page_size + own)
+    # Rows of a group are not next to each other in the batch: the kernel's row list gathers them.
+    perm = torch.randperm(len(reqs), generator=gen).tolist()
+    reqs, lens = [reqs[i] for i in perm], [lens[i] for i in perm]
+    width = max(len(r.pages) for r in reqs) + 1
+    table = torch.zeros((len(reqs), width), dtype=torch.int32)
+    for b, r in enumerate(reqs):
+        table[b, : len(r.pages)] = torch.tensor(r.pages, dtype=torch.int32)
+    return k_cache.to(DEVICE), v_cache.to(DEVICE), table.to(DEVICE), lens, reqs
+
+
+def _shared_tensors(plan, num_rows: int, num_splits: int, spare_items: int = 0) -> SharedPrefix:
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    items = torch.tensor(plan.items + [0] * (4 * spare_items), **i32).view(-1, 4)
+    return SharedPrefix(
+        torch.tensor(plan.kv_starts, **i32), torch.tensor(plan.rows + [0] * (num_rows - len(plan.rows)), **i32),
+        items, torch.tensor([plan.num_items], **i32), num_splits,
+    )
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("group,hkv,head_dim", [(7, 2, 64), (4, 2, 128), (1, 2, 64)])
+def test_shared_prefix_matches_attention_over_whole_sequences(page_size, group, hkv, head_dim) -> None:
+    ps = page_size
+    # Two sharing groups (one with more rows than one kernel entry takes), one row alone.
+    per_item = rows_per_item(group * hkv, hkv)
+    big = per_item + 3
+    groups = [(48 // ps + 1, [5 + i % 7 for i in range(big)]), (32 // ps, [1, 17, 40]), (64 // ps, [9])]
+    k_cache, v_cache, table, lens, reqs = _grouped_case(page_size * 31 + group, groups, ps, hkv, head_dim)
+    finder = SharedPrefixFinder(ps, per_item, max_groups=8, min_saving=0.0)
+    plan = finder.plan(reqs, lens)
+    assert plan is not None and plan.num_items == 3  # the big group in two entries, the 3-row one in one
+    assert sorted(plan.kv_starts) == sorted([(48 // ps + 1) * ps] * big + [32 // ps * ps] * 3 + [0])
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(len(lens), group * hkv, head_dim, generator=gen).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    expected = ref.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, head_dim**-0.5)
+    for kv_splits, prefix_splits, spare in ((1, 1, 0), (3, 2, 2)):
+        shared = _shared_tensors(plan, len(lens), prefix_splits, spare)
+        out = torch.full_like(q, float("nan"))
+        shared_prefix_decode_attention(q, k_cache, v_cache, table, seq_lens, head_dim**-0.5, shared, kv_splits, out=out)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_with_rotary_and_kv_store_matches_the_decode_kernel() -> None:
+    ps, hkv, group, head_dim = 4, 2, 7, 64
+    groups = [(5, [3, 6, 2, 9]), (3, [4, 1])]
+    k_cache, v_cache, table, lens, reqs = _grouped_case(11, groups, ps, hkv, head_dim)
+    b = len(lens)
+    gen = torch.Generator().manual_seed(5)
+    # The new token's key is not in the cache yet: the kernels rotate and store it.
+    slots = torch.tensor([r.pages[(n - 1) // ps] * ps + (n - 1) % ps for r, n in zip(reqs, lens)], device=DEVICE)
+    k_cache.view(-1, hkv, head_dim)[slots] = float("nan")
+    v_cache.view(-1, hkv, head_dim)[slots] = float("nan")
+    q = torch.randn(b, group * hkv, head_dim, generator=gen).to(DEVICE)
+    k_new = torch.randn(b, hkv, head_dim, generator=gen).to(DEVICE)
+    v_new = torch.randn(b, hkv, head_dim, generator=gen).to(DEVICE)
+    rotary = RotaryEmbedding(head_dim, head_dim, 256, {"rope_type": "default", "rope_theta": 1e4}).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    rope = DecodeRope(k_new, v_new, seq_lens.long() - 1, rotary.cos_sin_cache, slots)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    expected = decode_attention(q, k_ref, v_ref, table, seq_lens, 0.125, 2, rope=rope)
+    plan = SharedPrefixFinder(ps, rows_per_item(group * hkv, hkv), max_groups=4, min_saving=0.0).plan(reqs, lens)
+    out = shared_prefix_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, _shared_tensors(plan, b, 2), 1, rope=rope)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, k_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, v_ref, equal_nan=True, rtol=0, atol=0)
+
+
+def test_finder_groups_rows_by_their_common_pages_and_skips_small_savings() -> None:
+    a = _fake_req([5, 6, 7, 8, 20], 4)
+    b = _fake_req([5, 6, 7, 9, 21], 4)  # shares 3 pages with a
+    c = _fake_req([5, 6, 7, 8, 22], 4)  # shares 4 with a, but the group's common part is 3
+    d = _fake_req([30, 31], 1)  # alone
+    e = _fake_req([40, 41, 42], 0)  # first page equal to f's, but not the prefix cache's: never shared
+    f = _fake_req([40, 43, 44], 0)
+    finder = SharedPrefixFinder(page_size=2, rows_per_item=2, max_groups=4, min_saving=0.0)
+    lens = [10, 10, 9, 4, 6, 6]
+    plan = finder.plan([a, b, c, d, e, f], lens)
+    assert plan.kv_starts == [6, 6, 6, 0, 0, 0]
+    assert plan.rows == [0, 1, 2]
+    assert plan.items == [0, 2, 6, 0, 2, 1, 6, 0]  # rows 0-1, then row 2; prefix 6 keys; table row 0
+    assert plan.saved_tokens == 6  # three rows read the prefix in two entries
+    # A prefix is never longer than a member's keys before its new token.
+    assert SharedPrefixFinder(2, 2, 4, 0.0).plan([a, b, c], [10, 10, 5]).kv_starts == [4, 4, 4]
+    # The same requests again: the same plan object, no new work.
+    assert finder.plan([a, b, c, d, e, f], [n + 1 for n in lens]) is plan
+    # A saving under min_saving of the step's key reads: no plan.
+    assert SharedPrefixFinder(2, 2, 4, min_saving=0.5).plan([a, b, c, d], lens[:4]) is None
+    # max_groups keeps the groups that save the most.
+    g1 = [_fake_req([50, 51, 52, 53 + i], 3) for i in range(4)]
+    g2 = [_fake_req([60, 61 + i], 1) for i in range(4)]
+    plan = SharedPrefixFinder(2, 4, max_groups=1, min_saving=0.0).plan(g1 + g2, [8] * 8)
+    assert plan.rows == [0, 1, 2, 3] and plan.kv_starts == [6] * 4 + [0] * 4
+
+
+def test_common_prefix_len() -> None:
+    assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_len([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len([9, 2], [1, 2]) == 0
+    for guess in range(5):  # a wrong guess only costs time
+        assert common_prefix_len([1, 2, 3, 4], [1, 2, 3, 5], guess) == 3
