@@ -164,6 +164,10 @@ BAD_INPUTS = [
     ({"input_ids": [1, 10**9]}, ValueError, "vocabulary"),
     ({"input_ids": [1, -1]}, ValueError, "vocabulary"),
     ({"input_ids": [[1, 2], "x"]}, TypeError, "input_ids"),
+    # A batch's ids are checked in whole-list passes; the error still names the bad element.
+    ({"input_ids": [[1, 2], [3, 2.5]]}, TypeError, r"input_ids\[1\] holds 2.5 \(float\)"),
+    ({"input_ids": [[1, 2], [3, True]]}, TypeError, r"holds True \(bool\)"),
+    ({"input_ids": [[1, 2], [3, 10**9, 4]]}, ValueError, r"token id 1000000000 \(prompt 1\)"),
     ({"input_ids": []}, ValueError, "empty"),
     ({"prompt": ["a", "b"], "sampling_params": [{}, {}, {}]}, ValueError, "sampling_params"),
 ]
