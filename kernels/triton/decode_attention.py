@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, check_launchable, is_interpreted, next_power_of_2
-from pipeline_infer.kernels.triton.paged_block import attend_paged_block
+from pipeline_infer.kernels.triton.paged_block import attend_paged_range
 
 LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 64
@@ -97,25 +97,16 @@ def _decode_split_kernel(
     else:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    page_row_ptr = page_table_ptr + b64 * stride_pt
-    for n0 in range(start, end, BLOCK_N):
-        acc, m_i, l_i = attend_paged_block(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, page_row_ptr, n0, end, offs_h,
-            kvh * stride_kh, kvh * stride_vh, stride_kp, stride_ko, stride_vp, stride_vo,
-            sm_scale_log2, offs_d, d_mask,
-            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, DOT_FP32=DOT_FP32,
-        )
-
+    out, lse = attend_paged_range(
+        q, k_cache_ptr, v_cache_ptr, page_table_ptr + b64 * stride_pt, start, end, offs_h,
+        kvh * stride_kh, kvh * stride_vh, stride_kp, stride_ko, stride_vp, stride_vo,
+        sm_scale_log2, offs_d, d_mask,
+        M=BLOCK_H, BLOCK_D=BLOCK_D, PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, DOT_FP32=DOT_FP32,
+    )
     # An empty split (short sequence) writes zeros and lse = -inf, so the merge weighs it 0.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
     o_ptrs = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
     if WRITE_LSE:
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split, lse, mask=h_mask)
 
 

@@ -56,3 +56,27 @@ def attend_paged_block(
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def attend_paged_range(
+    q,  # [M, D] queries (cache dtype, or fp32 with DOT_FP32)
+    k_cache_ptr, v_cache_ptr, page_row_ptr, start, end, q_rows,  # keys [start, end) of one page_table row
+    k_head_off, v_head_off, stride_kp, stride_ko, stride_vp, stride_vo,
+    sm_scale_log2, offs_d, d_mask,
+    M: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Softmax attention of q over keys [start, end), no causal mask: (normalised output [M, D]
+    fp32, log2-sum-exp [M]). An empty range gives zeros and lse = -inf, which a merge weighs 0."""
+    acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        acc, m_i, l_i = attend_paged_block(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, page_row_ptr, n0, end, q_rows,
+            k_head_off, v_head_off, stride_kp, stride_ko, stride_vp, stride_vo,
+            sm_scale_log2, offs_d, d_mask,
+            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, DOT_FP32=DOT_FP32,
+        )
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    return acc / l_safe[:, None], tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))

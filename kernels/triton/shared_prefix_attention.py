@@ -39,7 +39,7 @@ from pipeline_infer.kernels.triton.decode_attention import (
     split_buffers,
 )
 from pipeline_infer.kernels.triton.launch import check_dtype, check_launchable, is_interpreted, next_power_of_2
-from pipeline_infer.kernels.triton.paged_block import attend_paged_block
+from pipeline_infer.kernels.triton.paged_block import attend_paged_range
 
 # Query rows of one program: ROWS sequences x BLOCK_H heads. 128 keeps the fp32 accumulator of
 # a head_dim 128 tile in registers at 8 warps.
@@ -122,25 +122,16 @@ def _shared_prefix_kernel(
     else:
         q = q.to(k_cache_ptr.dtype.element_ty)
 
-    acc = tl.zeros([ROWS * BLOCK_H, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([ROWS * BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([ROWS * BLOCK_H], dtype=tl.float32)
-    page_row_ptr = page_table_ptr + table_row * stride_pt
-    for n0 in range(start, end, BLOCK_N):
-        acc, m_i, l_i = attend_paged_block(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, page_row_ptr, n0, end, offs_m,
-            kvh * stride_kh, kvh * stride_vh, stride_kp, stride_ko, stride_vp, stride_vo,
-            sm_scale_log2, offs_d, d_mask,
-            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, CAUSAL=False, DOT_FP32=DOT_FP32,
-        )
-
+    out, lse = attend_paged_range(
+        q, k_cache_ptr, v_cache_ptr, page_table_ptr + table_row * stride_pt, start, end, offs_m,
+        kvh * stride_kh, kvh * stride_vh, stride_kp, stride_ko, stride_vp, stride_vo,
+        sm_scale_log2, offs_d, d_mask,
+        M=ROWS * BLOCK_H, BLOCK_D=BLOCK_D, PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, DOT_FP32=DOT_FP32,
+    )
     # An empty split writes zeros and lse = -inf, so the merge weighs it 0.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
     slot = first_slot + split
     o_ptrs = part_ptr + b[:, None] * stride_ob + heads[:, None] * stride_oh + slot * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out, mask=md_mask)
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + slot, lse, mask=m_mask)
 
 
