@@ -134,7 +134,7 @@ def floor_seconds(
     # sequence's KV less its shared prefix, plus each distinct shared prefix once (one level of
     # sharing, as in the shared-prefix workload; deeper trees are counted by their longest level).
     shared = shared_prefix_lens(prompts) if prefix_sharing else [0] * len(prompts)
-    pending = [(len(p), o - 1, tuple(p[:n]) if n else None) for p, o, n in zip(prompts, (o for _, o in requests), shared) if o > 1]
+    pending = [(len(p), o - 1, tuple(p[:n]) if n else None) for (p, o), n in zip(requests, shared) if o > 1]
     pending.reverse()  # pop() admits in submission order
     running: list[list] = []  # [context length, steps left, shared prefix or None]
     decode_s, steps = 0.0, 0

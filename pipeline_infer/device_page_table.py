@@ -63,6 +63,7 @@ class DevicePageTable:
         self._last_versions: list[int] = []
         self._last_counts: list[int] = []
         self.fast_steps = 0  # prepare() calls that took the same-batch path (for tests)
+        self.same_batch = False
 
     def prepare(self, reqs: list) -> PageTableUpdate:
         """Host half of a step: assign rows, list the writes. Row b of the step's table will be
@@ -70,7 +71,9 @@ class DevicePageTable:
         ids = list(map(id, reqs))
         versions = [r.pages_version for r in reqs]
         counts = [len(r.pages) for r in reqs]
-        if ids == self._last_ids and versions == self._last_versions:
+        # The last step's requests, in its order, no page list replaced (read by the shared-prefix finder too).
+        self.same_batch = ids == self._last_ids and versions == self._last_versions
+        if self.same_batch:
             update = self._same_batch(reqs, counts)
             if update is not None:
                 return update

@@ -291,9 +291,12 @@ class ModelRunner:
         finder = self.shared_prefix_finder
         if finder is not None and n == len(reqs):  # a decode step (one token a row)
             chunks = batch.chunks
-            fb.shared_prefix = finder.plan(reqs, lambda: [c.start + 1 for c in chunks])
+            same = update is not None and self.device_tables.same_batch
+            fb.shared_prefix = finder.plan(reqs, lambda: [c.start + 1 for c in chunks], same)
             if fb.shared_prefix is not None:
                 self.shared_prefix_steps += 1
+        elif finder is not None:
+            finder.reset()  # the device table's "same batch" now compares against this step
         return fb
 
     def _fill_in_flight(self, input_ids: torch.Tensor, rows: list[int], sources: list[int]) -> torch.Tensor:

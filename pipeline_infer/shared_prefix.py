@@ -5,7 +5,8 @@ lists start with the same pages form a group; the group's prefix is attended to 
 entry (kernels/triton/shared_prefix_attention.py) instead of once per row. This module finds
 the groups on the host, from the requests' page lists, and lays out the kernel's int32 inputs.
 
-Cost: a step of the same requests as the last reuses the last answer. Otherwise grouping is
+Cost: a step of the same requests as the last reuses the last answer (the caller says so: the
+model runner's device page table already compares the batches). Otherwise grouping is
 one pass over the rows keyed by their first page, and each row's common length with its
 group's first row is remembered on the row (until either's pages change), so a row is compared
 page by page once, not every step.
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-ITEM_FIELDS = 4  # must match kernels/triton/shared_prefix_attention.py
+from pipeline_infer.kernels.triton.shared_prefix_attention import ITEM_FIELDS
 
 
 @dataclass
@@ -60,30 +61,29 @@ class SharedPrefixFinder:
         self.rows_per_item = rows_per_item
         self.max_groups = max_groups
         self.min_saving = min_saving
-        self._last_reqs: list = []
-        self._last_ids: list[int] | None = None
-        self._last_versions: list[int] = []
         self._last_plan: SharedPrefixPlan | None = None
+        self._stale = True  # _last_plan is not for the batch the caller last compared against
 
     def reset(self) -> None:
-        """Forget the last step (the engine is idle): drops the references to its requests."""
-        self._last_reqs, self._last_ids, self._last_versions, self._last_plan = [], None, [], None
+        """Forget the last plan: a step the finder did not plan ran since (or the engine is idle)."""
+        self._last_plan, self._stale = None, True
 
     def max_items(self, max_rows: int) -> int:
         """Work entries a plan over at most max_rows rows can have."""
         return -(-max_rows // self.rows_per_item) + self.max_groups
 
-    def plan(self, reqs: list, seq_lens: list[int] | Callable[[], list[int]]) -> SharedPrefixPlan | None:
+    def plan(
+        self, reqs: list, seq_lens: list[int] | Callable[[], list[int]], same_batch: bool = False
+    ) -> SharedPrefixPlan | None:
         """The step's plan, or None when no group saves enough. reqs[b] holds seq_lens[b] keys
         (the new token's included); its pages are `reqs[b].pages`. seq_lens may be a function
-        giving them, called only when the batch is not the last step's."""
-        ids = list(map(id, reqs))
-        versions = [r.pages_version for r in reqs]
-        if ids == self._last_ids and versions == self._last_versions:
-            return self._last_plan  # sequences only grew: every prefix is still shared and shorter than them
-        # The requests are kept so that their ids cannot be reused by new ones.
-        self._last_reqs, self._last_ids, self._last_versions = list(reqs), ids, versions
-        self._last_plan = self._build(reqs, seq_lens() if callable(seq_lens) else seq_lens)
+        giving them, called only when a plan is built. same_batch: reqs are the last step's
+        requests, in its order, their pages only appended since (the model runner's device page
+        table tells); when the last step was this finder's too (no reset() between), its plan
+        still holds: every prefix is still shared and shorter than its rows."""
+        if self._stale or not same_batch:
+            self._last_plan = self._build(reqs, seq_lens() if callable(seq_lens) else seq_lens)
+            self._stale = False
         return self._last_plan
 
     def _build(self, reqs: list, seq_lens: list[int]) -> SharedPrefixPlan | None:

@@ -155,7 +155,10 @@ def test_finder_groups_rows_by_their_common_pages_and_skips_small_savings() -> N
     # A prefix is never longer than a member's keys before its new token.
     assert SharedPrefixFinder(2, 2, 4, 0.0).plan([a, b, c], [10, 10, 5]).kv_starts == [4, 4, 4]
     # The same requests again: the same plan object, no new work.
-    assert finder.plan([a, b, c, d, e, f], [n + 1 for n in lens]) is plan
+    assert finder.plan([a, b, c, d, e, f], [n + 1 for n in lens], same_batch=True) is plan
+    finder.reset()  # a step the finder did not plan ran in between: "same batch" is about that one
+    rebuilt = finder.plan([a, b, c, d, e, f], [n + 1 for n in lens], same_batch=True)
+    assert rebuilt is not plan and rebuilt.kv_starts == plan.kv_starts
     # A saving under min_saving of the step's key reads: no plan.
     assert SharedPrefixFinder(2, 2, 4, min_saving=0.5).plan([a, b, c, d], lens[:4]) is None
     # max_groups keeps the groups that save the most.

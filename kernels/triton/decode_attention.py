@@ -229,23 +229,10 @@ def decode_attention(
     (benchmarks/attention_kernels.py --sweep); they do not change the result beyond rounding.
     """
     check_launchable(_decode_split_kernel, q, k_cache, v_cache, page_table, seq_lens, out, *(rope or ()))
-    batch, num_q_heads, head_dim = _check_decode_args(q, k_cache, v_cache, page_table, seq_lens)
-    num_pages, page_size, num_kv_heads, _ = k_cache.shape
-    if rope is not None:
-        _check_rope_args(rope, batch, num_kv_heads, head_dim)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous even when q is a view
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor with a contiguous last dim")
-    if batch == 0:
+    out, num_kv_splits = prepare_decode_call(q, k_cache, v_cache, page_table, seq_lens, num_kv_splits, out, rope)
+    if q.shape[0] == 0:
         return out
-    if num_kv_splits is None:
-        max_len = page_table.shape[1] * page_size
-        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_len, device_num_sms(q.device))
-    if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
-        raise ValueError(f"num_kv_splits must be in [1, {MAX_KV_SPLITS}], got {num_kv_splits}")
-
-    block_n, num_stages = _launch_settings(head_dim, block_n, num_stages)
+    block_n, num_stages = _launch_settings(q.shape[2], block_n, num_stages)
     if num_kv_splits == 1:
         # One split: stage 1 writes the output itself (lse is unused: WRITE_LSE=False).
         launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, out, None, 1, rope,
@@ -256,6 +243,31 @@ def decode_attention(
                         block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     launch_decode_merge(part, lse, out, num_kv_splits)
     return out
+
+
+def prepare_decode_call(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+    seq_lens: torch.Tensor, num_kv_splits: int | None, out: torch.Tensor | None, rope: DecodeRope | None,
+) -> tuple[torch.Tensor, int]:
+    """Checks a decode call's arguments (decode_attention's): returns the output tensor
+    (allocated when None) and the split count (chosen when None; 0 for an empty batch, which
+    launches nothing)."""
+    batch, _, head_dim = _check_decode_args(q, k_cache, v_cache, page_table, seq_lens)
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    if rope is not None:
+        _check_rope_args(rope, batch, num_kv_heads, head_dim)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous even when q is a view
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor with a contiguous last dim")
+    if batch == 0:
+        return out, 0
+    if num_kv_splits is None:
+        max_len = page_table.shape[1] * page_size
+        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_len, device_num_sms(q.device))
+    if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
+        raise ValueError(f"num_kv_splits must be in [1, {MAX_KV_SPLITS}], got {num_kv_splits}")
+    return out, num_kv_splits
 
 
 def _launch_settings(head_dim: int, block_n: int | None, num_stages: int | None) -> tuple[int, int]:

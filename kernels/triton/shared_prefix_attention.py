@@ -25,17 +25,13 @@ import triton.language as tl
 
 from pipeline_infer.kernels.triton.decode_attention import (
     LOG2E,
-    MAX_KV_SPLITS,
     DecodeRope,
-    _check_decode_args,
-    _check_rope_args,
     _launch_settings,
     _rope_factors,
     _rotate,
-    choose_num_kv_splits,
-    device_num_sms,
     launch_decode_merge,
     launch_decode_split,
+    prepare_decode_call,
     split_buffers,
 )
 from pipeline_infer.kernels.triton.launch import check_dtype, check_launchable, is_interpreted, next_power_of_2
@@ -89,7 +85,7 @@ def _shared_prefix_kernel(
     split = tl.program_id(2)
     # Entries past num_items (graph replay: the grid is sized for the largest list) do nothing.
     live = item < tl.load(num_items_ptr)
-    entry = items_ptr + item * 4
+    entry = items_ptr + item * 4  # ITEM_FIELDS ints an entry
     first_row = tl.load(entry, mask=live, other=0)
     num_rows = tl.load(entry + 1, mask=live, other=0)
     prefix_len = tl.load(entry + 2, mask=live, other=0)
@@ -154,23 +150,11 @@ def shared_prefix_decode_attention(
     same pages as the entry's table row. Rows with kv_starts 0 attend as in decode_attention.
     """
     check_launchable(_shared_prefix_kernel, q, k_cache, v_cache, page_table, seq_lens, out, *shared[:4], *(rope or ()))
-    batch, num_q_heads, head_dim = _check_decode_args(q, k_cache, v_cache, page_table, seq_lens)
-    num_kv_heads = k_cache.shape[2]
-    if rope is not None:
-        _check_rope_args(rope, batch, num_kv_heads, head_dim)
-    _check_shared(shared, batch)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor with a contiguous last dim")
-    if batch == 0:
+    out, num_kv_splits = prepare_decode_call(q, k_cache, v_cache, page_table, seq_lens, num_kv_splits, out, rope)
+    _check_shared(shared, q.shape[0])
+    if q.shape[0] == 0:
         return out
-    if num_kv_splits is None:
-        max_len = page_table.shape[1] * k_cache.shape[1]
-        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, max_len, device_num_sms(q.device))
-    if not 1 <= num_kv_splits <= MAX_KV_SPLITS:
-        raise ValueError(f"num_kv_splits must be in [1, {MAX_KV_SPLITS}], got {num_kv_splits}")
-    block_n, num_stages = _launch_settings(head_dim, None, None)
+    block_n, num_stages = _launch_settings(q.shape[2], None, None)
     slots = num_kv_splits + shared.num_splits
     part, lse = split_buffers(q, slots)
     launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, part, lse, num_kv_splits, rope,
