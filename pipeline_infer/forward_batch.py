@@ -34,6 +34,8 @@ class ForwardBatch:
     extras: dict = field(default_factory=dict)  # e.g. "hidden_states" requests
     # Decode steps: which rows share prefix pages (a shared_prefix.SharedPrefixPlan), or None.
     shared_prefix: Any = None
+    # True when the builder knows every row is a one-token decode (spares is_decode its pass).
+    decode_only: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -49,7 +51,7 @@ class ForwardBatch:
 
     @property
     def is_decode(self) -> bool:
-        return all(e == 1 for e in self.extend_lens)
+        return self.decode_only or all(e == 1 for e in self.extend_lens)
 
 
 # array typecodes of the int dtypes steps send ('q': 8 bytes, 'i': 4 on every platform torch runs on).

@@ -96,6 +96,12 @@ class ModelRunner:
             DevicePageTable(device) if getattr(self.attn_backend, "reads_page_table_on_device", False) else None
         )
         self._prev_sampled: torch.Tensor | None = None  # the last launched step's samples (device)
+        # Decode-only steps: row indices on the device (logits_indices is every row), a host
+        # list of 0..n-1 to compare sample rows against, and whether the last decode-only
+        # step's rows were all bare argmax (true again for the same rows: see _argmax_only).
+        self._rows_dev = torch.arange(0, dtype=torch.long, device=device)
+        self._rows_host: list[int] = []
+        self._last_argmax_only = False
         # Decode rows that share prefix pages (the radix cache's) attend to them once per group,
         # where the backend can (Triton: kernels/triton/shared_prefix_attention.py).
         self.shared_prefix_finder = None
@@ -226,6 +232,8 @@ class ModelRunner:
 
     # --- one step ------------------------------------------------------------------
     def build_forward_batch(self, batch: "ScheduledBatch") -> ForwardBatch:
+        if batch.decode_reqs is not None:
+            return self._build_decode_batch(batch.decode_reqs, batch.decode_starts)
         # Host work of every step, so kept to plain-int arithmetic per decode (most chunks of
         # a step) and a few array operations per step: no numpy call per request.
         ps = self.page_size
@@ -299,6 +307,95 @@ class ModelRunner:
             finder.reset()  # the device table's "same batch" now compares against this step
         return fb
 
+    def _build_decode_batch(self, reqs: list, starts: list[int]) -> ForwardBatch:
+        """build_forward_batch for a step of decodes alone (ScheduledBatch's columns): one token
+        a row at position starts[i], every row sampling. Whole-list passes over the rows instead
+        of the general loop, and on the device what the device can derive:
+
+        - each row's token is usually the previous step's sample, still on the device (overlap
+          schedule): those rows are filled from it, and when every row is one and the rows are
+          the previous step's in its order, the samples are the step's input ids as they are;
+        - with the device page table, the K/V slots come from the table on the device
+          (page_table[row, position // page_size] * page_size + position % page_size) instead
+          of a per-row lookup on the host;
+        - the logits rows are every row: a slice of a kept arange.
+        """
+        n = len(reqs)
+        ps = self.page_size
+        tokens = [r.token_ids[s] for r, s in zip(reqs, starts)]
+        pending = tokens.count(PLACEHOLDER)  # rows whose token is still on the device
+        rows = self._row_list(n)
+        sources = [r.sample_row for r in reqs]
+        if sources != rows:  # this step's sample rows are its rows (the next step reads them)
+            for i, r in enumerate(reqs):
+                r.sample_row = i
+        update = self.device_tables.prepare(reqs) if self.device_tables is not None else None
+        table_ints = update.ints if update is not None else []
+        send_ids = pending < n
+        ids = [0 if t == PLACEHOLDER else t for t in tokens] if pending and send_ids else tokens
+        slots = [] if update is not None else [r.pages[s // ps] * ps + s % ps for r, s in zip(reqs, starts)]
+        head = ids if send_ids else []
+        columns = ints_to_device(head + starts + slots + table_ints, self.device)
+        ids_dev, positions_dev, slots_dev, table_dev = columns.split(
+            [len(head), n, len(slots), len(table_ints)]
+        )
+        if update is not None:
+            page_table, page_table_host = self.device_tables.apply(update, table_dev), None
+            slots_dev = self._slots_from_table(page_table, positions_dev)
+        else:
+            page_table_host = self.page_tables.build(reqs)
+            page_table = to_device(torch.from_numpy(page_table_host), self.device)
+        if pending == n:
+            prev = self._prev_sampled
+            assert prev is not None, "a placeholder token without a step in flight"
+            if n == prev.shape[0] and sources == rows:
+                input_ids = prev  # the usual decode step: same requests, same order
+            else:
+                input_ids = prev[ints_to_device(sources, self.device)]
+        elif pending:
+            fill_rows = [i for i, t in enumerate(tokens) if t == PLACEHOLDER]
+            input_ids = self._fill_in_flight(ids_dev, fill_rows, [sources[i] for i in fill_rows])
+        else:
+            input_ids = ids_dev
+        fb = ForwardBatch(
+            input_ids=input_ids,
+            positions=positions_dev,
+            extend_lens=[1] * n,
+            prefix_lens=starts,
+            page_table=page_table,
+            page_table_host=page_table_host,
+            out_cache_loc=slots_dev,
+            logits_indices=self._rows_on_device(n),
+            attn_backend=self.attn_backend,
+            decode_only=True,
+        )
+        finder = self.shared_prefix_finder
+        if finder is not None:
+            same = update is not None and self.device_tables.same_batch
+            fb.shared_prefix = finder.plan(reqs, lambda: [s + 1 for s in starts], same)
+            if fb.shared_prefix is not None:
+                self.shared_prefix_steps += 1
+        return fb
+
+    def _row_list(self, n: int) -> list[int]:
+        """[0, 1, ..., n - 1] (a kept list, grown as needed; compare, do not change)."""
+        if len(self._rows_host) < n:
+            self._rows_host = list(range(max(n, 2 * len(self._rows_host))))
+        return self._rows_host if len(self._rows_host) == n else self._rows_host[:n]
+
+    def _rows_on_device(self, n: int) -> torch.Tensor:
+        if self._rows_dev.shape[0] < n:
+            self._rows_dev = torch.arange(max(n, 2 * self._rows_dev.shape[0]), dtype=torch.long, device=self.device)
+        return self._rows_dev[:n]
+
+    def _slots_from_table(self, page_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Each decode token's K/V slot from the step's page table on the device."""
+        ps = self.page_size
+        if ps == 1:
+            return page_table.gather(1, positions.unsqueeze(1)).view(-1).long()
+        pages = page_table.gather(1, torch.div(positions, ps, rounding_mode="floor").unsqueeze(1)).view(-1)
+        return pages.long() * ps + positions % ps
+
     def _fill_in_flight(self, input_ids: torch.Tensor, rows: list[int], sources: list[int]) -> torch.Tensor:
         """Put the previous step's samples (on the device, not yet on the host) into input_ids."""
         prev = self._prev_sampled
@@ -324,16 +421,22 @@ class ModelRunner:
         """
         timer = self.timer  # None unless step timing is on; its hooks only read clocks / record events
         fb = self.build_forward_batch(batch)
-        sampling = [c for c in batch.chunks if c.samples]
-        # Logprobs / hidden states some requests asked for (None for almost every step).
-        extras = StepExtras.plan(batch.chunks)
+        decode_reqs = batch.decode_reqs
+        if decode_reqs is not None:  # a decode-only step: every row samples
+            reqs = decode_reqs
+            # Logprobs / hidden states some requests asked for (None for almost every step).
+            wants = [r.extra_outputs for r in reqs].count(None) != len(reqs)
+            extras = StepExtras.plan(batch.chunks) if wants else None
+        else:
+            reqs = [c.req for c in batch.chunks if c.samples]
+            extras = StepExtras.plan(batch.chunks)
         hidden = None
         graph_ok = extras is None or not extras.needs_hidden_states  # graphs return logits only
         if graph_ok and self.graph_runner is not None and self.graph_runner.can_run(fb):
             if timer is not None:
                 timer.built()
             logits = self.graph_runner.replay(fb)  # a decode batch
-            if len(sampling) != fb.batch_size:  # a one-token prefill chunk that does not sample
+            if len(reqs) != fb.batch_size:  # a one-token prefill chunk that does not sample
                 logits = logits[fb.logits_indices]
         else:
             if extras is None and self.extend_graphs is not None and self.extend_graphs.can_run(fb):
@@ -345,31 +448,36 @@ class ModelRunner:
                 if timer is not None:
                     timer.built()
                 hidden = self.model(fb)
-            if not sampling and extras is None:
+            if not reqs and extras is None:
                 self._prev_sampled = None  # no placeholder can refer to this step
                 if timer is not None:
                     timer.launched()
                 return LaunchedStep(batch)  # nothing samples: nothing to wait for
-            logits = self.model.compute_logits(hidden[fb.logits_indices]) if sampling else None
-        if sampling:
-            reqs = [c.req for c in sampling]
-            output_ids = [r.output_ids for r in reqs]
-            info = SamplingBatchInfo.build(
-                params=[r.params for r in reqs],
-                prompt_ids=[r.prompt_ids for r in reqs],
-                output_ids=output_ids,
-                seeds=[r.seed for r in reqs],
-                vocab_size=logits.shape[-1],
-                device=logits.device,
-                eos_token_ids=self.eos_token_ids,
-                # Filled on the host while the device still runs the forward pass.
-                vocab_bitmask=fill_bitmask([r.grammar for r in reqs], logits.shape[-1]),
-                # The token sampled now sits at the end of token_ids (a placeholder; the one
-                # before it may be one too, still in flight): its index among the outputs.
-                steps=[len(r.token_ids) - 1 - len(r.prompt_ids) for r in reqs],
-                # Every row a bare argmax (the usual greedy batch job): no per-row set-up.
-                argmax_only=all(len(o) >= r.argmax_from for o, r in zip(output_ids, reqs)),
-            )
+            logits = self.model.compute_logits(hidden[fb.logits_indices]) if reqs else None
+        if reqs:
+            argmax_only = self._argmax_only(reqs, decode_reqs is not None)
+            grammars = [r.grammar for r in reqs]
+            # Filled on the host while the device still runs the forward pass.
+            bitmask = fill_bitmask(grammars, logits.shape[-1]) if grammars.count(None) != len(reqs) else None
+            if argmax_only:  # every row a bare argmax (the usual greedy batch job): no per-row set-up
+                info = SamplingBatchInfo.build(
+                    params=[], prompt_ids=[], output_ids=[], seeds=[], steps=[], vocab_size=logits.shape[-1],
+                    device=logits.device, vocab_bitmask=bitmask, argmax_only=True,
+                )
+            else:
+                info = SamplingBatchInfo.build(
+                    params=[r.params for r in reqs],
+                    prompt_ids=[r.prompt_ids for r in reqs],
+                    output_ids=[r.output_ids for r in reqs],
+                    seeds=[r.seed for r in reqs],
+                    vocab_size=logits.shape[-1],
+                    device=logits.device,
+                    eos_token_ids=self.eos_token_ids,
+                    vocab_bitmask=bitmask,
+                    # The token sampled now sits at the end of token_ids (a placeholder; the one
+                    # before it may be one too, still in flight): its index among the outputs.
+                    steps=[len(r.token_ids) - 1 - len(r.prompt_ids) for r in reqs],
+                )
             sampled = self.sampler(logits, info)
         else:
             sampled = torch.empty(0, dtype=torch.long, device=self.device)
@@ -384,13 +492,24 @@ class ModelRunner:
             timer.launched()
         return LaunchedStep(batch, sampled, host, done, extras, hidden, logits)
 
+    def _argmax_only(self, reqs: list, decode_only: bool) -> bool:
+        """Whether every sampling row is a bare argmax (Request.argmax_from reached). A row's
+        output count only grows, so a decode-only step of the last decode-only step's rows, in
+        its order (the device page table's same_batch), keeps that step's answer once true."""
+        tables = self.device_tables
+        if decode_only and self._last_argmax_only and tables is not None and tables.same_batch:
+            return True
+        ok = all(len(r.output_ids) >= r.argmax_from for r in reqs)
+        self._last_argmax_only = ok and decode_only
+        return ok
+
     def collect(self, step: "LaunchedStep") -> list[int | None]:
         """Wait for a launched step's samples: the token of each chunk that samples, None for the others."""
         timer = self.timer
         if step.sampled is None:  # nothing samples: nothing to wait for
             if timer is not None:  # the device time is read after a later step's sync
                 timer.on_host(synced=False)
-            return [None] * len(step.batch.chunks)
+            return [None] * step.batch.size
         if step.extras is not None:  # one transfer carrying the logprobs and hidden states too
             with torch.inference_mode():
                 tokens = step.extras.collect(self.model, step.hidden, step.logits, step.sampled)
@@ -401,11 +520,10 @@ class ModelRunner:
             tokens = step.sampled.tolist()
         if timer is not None:
             timer.on_host()
-        chunks = step.batch.chunks
-        if len(tokens) == len(chunks):  # every chunk samples (a decode step): already in order
+        if len(tokens) == step.batch.size:  # every chunk samples (a decode step): already in order
             return tokens
         it = iter(tokens)
-        return [next(it) if c.samples else None for c in chunks]
+        return [next(it) if c.samples else None for c in step.batch.chunks]
 
     def on_idle(self) -> None:
         """The engine has nothing to run: drop per-batch state kept from step to step."""

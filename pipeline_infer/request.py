@@ -111,6 +111,20 @@ class Request:
         # Token count (prompt + generated, in flight included) at which decoding stops by
         # length: max_new_tokens or the context, whichever comes first. Neither changes.
         self.decode_end: int = min(len(self.prompt_ids) + p.max_new_tokens, self.context_length)
+        # For the scheduler's decode commit (Scheduler._commit_decodes), worked out once too:
+        # the tokens that stop it (from its first token on: min_new_tokens is 0), and whether
+        # a token that is neither one of those nor its last by length only needs appending:
+        # no grammar to feed, no text to grow as it goes (no detokenizer, or one that decodes
+        # once at the end: its ids are appended here too).
+        self.stop_tokens: frozenset[int] = frozenset(p.stop_token_ids or ()) | (
+            frozenset() if p.ignore_eos else frozenset(self.eos_token_ids)
+        )
+        det = self.detokenizer
+        self.deferred_ids: list[int] | None = det.deferred_ids if det is not None else None
+        self.plain_commit: bool = (
+            self.grammar is None and p.min_new_tokens == 0 and p.max_new_tokens > 0
+            and (det is None or self.deferred_ids is not None)
+        )
 
     # --- sizes -----------------------------------------------------------------
     @property

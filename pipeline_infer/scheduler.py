@@ -134,13 +134,46 @@ class ScheduledChunk:
         return not self.prefill
 
 
-@dataclass
 class ScheduledBatch:
-    chunks: list[ScheduledChunk]
+    """One step's work: its chunks, or, for a step of decodes alone (most steps of a batch job),
+    two columns instead: the requests and each one's start (its one token's position).
+
+    A decode-only step at 1,024 running requests would otherwise build 1,024 chunk objects that
+    every consumer then walks attribute by attribute; the hot consumers (the model runner's
+    build, launch and collect, `Scheduler.commit`, the step timer) read the columns. `chunks`
+    is still there for everything else: built from the columns on first use.
+    """
+
+    __slots__ = ("_chunks", "decode_reqs", "decode_starts")
+
+    def __init__(
+        self,
+        chunks: list[ScheduledChunk] | None = None,
+        decode_reqs: list[Request] | None = None,
+        decode_starts: list[int] | None = None,
+    ) -> None:
+        if (chunks is None) == (decode_reqs is None):
+            raise TypeError("ScheduledBatch takes chunks or decode_reqs (with decode_starts), not both")
+        self._chunks = chunks
+        self.decode_reqs = decode_reqs  # None unless every row is a one-token decode that samples
+        self.decode_starts = decode_starts
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        if self._chunks is None:
+            self._chunks = [ScheduledChunk(r, s, 1, True, False) for r, s in zip(self.decode_reqs, self.decode_starts)]
+        return self._chunks
+
+    @property
+    def size(self) -> int:
+        """Rows (chunks) in the step."""
+        return len(self.decode_reqs) if self.decode_reqs is not None else len(self._chunks)
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.length for c in self.chunks)
+        if self.decode_reqs is not None:
+            return len(self.decode_reqs)
+        return sum(c.length for c in self._chunks)
 
 
 class _TrieNode:
@@ -328,35 +361,45 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         retractions = self.num_retractions
+        # One pass over the running requests sorts them into decodes and prefills in progress
+        # (a loop over every running request each step: sizes by len() rather than through
+        # the properties). A request whose token in flight is its last by length (overlap
+        # schedule) has nothing left to decode: it finishes when that step is committed.
+        decodes: list[Request] = []
+        prefilling: list[Request] = []
+        for r in self.running:
+            n = len(r.token_ids) - 1
+            c = r.num_computed
+            if c == n:
+                if n < r.decode_end - 1:
+                    decodes.append(r)
+            elif c < n:
+                prefilling.append(r)
         if not self.mixed_chunk:
             # Prefill first, alone; decodes run in the steps with nothing to prefill.
-            chunks = self._prefill_chunks(self.chunked_prefill_size, retractions)
+            chunks = self._prefill_chunks(self.chunked_prefill_size, retractions, prefilling)
             if chunks:
                 return self._batch(chunks)
-        # A request whose token in flight is its last by length (overlap schedule) has nothing
-        # left to decode: it finishes when that step is committed. (A loop over every running
-        # request each step: sizes by len() rather than through the properties.)
-        decodes = []
-        for r in self.running:
-            n = len(r.token_ids)
-            if r.num_computed == n - 1 and n < r.decode_end:
-                decodes.append(r)
         decodes = self._ensure_decode_pages(decodes)
-        chunks = [ScheduledChunk(req, req.num_computed, 1, True, False) for req in decodes]
         if self.mixed_chunk:
-            chunks += self._prefill_chunks(self.chunked_prefill_size, retractions)
-        return self._batch(chunks) if chunks else None
+            if self.num_retractions != retractions:  # retracted to make room: no longer running
+                prefilling = [r for r in prefilling if r.status is RequestStatus.RUNNING]
+            prefill = self._prefill_chunks(self.chunked_prefill_size, retractions, prefilling)
+            if prefill:
+                chunks = [ScheduledChunk(req, req.num_computed, 1, True, False) for req in decodes]
+                return self._batch(chunks + prefill)
+        return self._decode_batch(decodes) if decodes else None
 
-    def _prefill_chunks(self, budget: int, retractions: int) -> list[ScheduledChunk]:
-        """Prefill chunks within `budget` tokens: requests already prefilling (oldest first), then admissions."""
+    def _prefill_chunks(self, budget: int, retractions: int, prefilling: list[Request]) -> list[ScheduledChunk]:
+        """Prefill chunks within `budget` tokens: requests already prefilling (`prefilling`, in
+        running order: oldest admission first), then admissions."""
         chunks: list[ScheduledChunk] = []
-        for req in self.running:
+        for req in prefilling:
             if budget <= 0:
                 break
-            if req.num_computed < len(req.token_ids) - 1:
-                chunk = self._prefill_chunk(req, budget)
-                chunks.append(chunk)
-                budget -= chunk.length
+            chunk = self._prefill_chunk(req, budget)
+            chunks.append(chunk)
+            budget -= chunk.length
         # A step that had to retract is short of memory: admitting now would only invite the
         # next retraction (and could re-admit the request just retracted).
         if budget > 0 and self.waiting and self.num_retractions == retractions and self._admission_due(chunks):
@@ -396,6 +439,17 @@ class Scheduler:
         self._advance(chunks)
         return ScheduledBatch(chunks)
 
+    def _decode_batch(self, decodes: list[Request]) -> ScheduledBatch:
+        """A step of decodes alone, as columns (see ScheduledBatch); `_advance` for each row inline."""
+        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
+        starts: list[int] = []
+        for req in decodes:
+            start = req.num_computed
+            starts.append(start)
+            req.num_computed = start + 1
+            req.token_ids.append(PLACEHOLDER)
+        return ScheduledBatch(decode_reqs=decodes, decode_starts=starts)
+
     def _advance(self, chunks: list[ScheduledChunk]) -> None:
         """Move the requests past the step just scheduled, before it runs.
 
@@ -420,6 +474,8 @@ class Scheduler:
 
     def commit(self, batch: ScheduledBatch, next_tokens: list[int | None]) -> list[Request]:
         """Fill in a step's sampled tokens; returns the requests that got one (finished ones included)."""
+        if batch.decode_reqs is not None:
+            return self._commit_decodes(batch.decode_reqs, batch.decode_starts, next_tokens)
         updated: list[Request] = []
         running, finished, inflight = RequestStatus.RUNNING, RequestStatus.FINISHED, self._inflight
         for chunk, token in zip(batch.chunks, next_tokens):
@@ -444,6 +500,35 @@ class Scheduler:
                 # overlap schedule num_computed may count a later step's chunk too: that one runs
                 # before any step that could read the pages, so they are as good as computed).
                 self._share_computed(req)
+        return updated
+
+    def _commit_decodes(self, reqs: list[Request], starts: list[int], tokens: list[int]) -> list[Request]:
+        """commit() for a decode-only step. A request that cannot stop on this token by anything
+        but a stop token or its length (Request.plain_commit) takes the token inline: no method
+        call, no re-derived sizes; a stop token, its last token by length, or anything else goes
+        through Request.fill_token."""
+        updated: list[Request] = []
+        running, finished = RequestStatus.RUNNING, RequestStatus.FINISHED
+        for req, start, token in zip(reqs, starts, tokens):
+            if req.status is not running:  # finished or aborted while the step ran
+                continue
+            position = start + 1
+            if (
+                req.plain_commit and position + 1 < req.decode_end and token not in req.stop_tokens
+                and req.first_token_time is not None
+            ):
+                req.output_ids.append(token)
+                req.token_ids[position] = token
+                deferred = req.deferred_ids
+                if deferred is not None:
+                    deferred.append(token)
+                updated.append(req)
+                continue
+            req.fill_token(position, token)
+            updated.append(req)
+            if req.status is finished:
+                self.running.remove(req)
+                self._release(req, cache_kv=True)
         return updated
 
     # --- admission -----------------------------------------------------------------

@@ -65,9 +65,9 @@ class StepTimer:
 
     def scheduled(self, batch) -> None:
         now = _perf()
-        n_prefill = sum(1 for c in batch.chunks if c.prefill)
-        self._kind = 0 if n_prefill == 0 else 1 if n_prefill == len(batch.chunks) else 2
-        self._bs, self._tokens = len(batch.chunks), batch.num_tokens
+        n_prefill = 0 if batch.decode_reqs is not None else sum(1 for c in batch.chunks if c.prefill)
+        self._kind = 0 if n_prefill == 0 else 1 if n_prefill == batch.size else 2
+        self._bs, self._tokens = batch.size, batch.num_tokens
         self._schedule, self._t = now - self._t, now
 
     def built(self) -> None:

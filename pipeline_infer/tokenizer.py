@@ -100,6 +100,13 @@ class IncrementalDetokenizer:
         self.stopped: str | None = None  # the stop string (or regex match) that ended the text
         self._end: int | None = None  # where the final text ends once stopped
 
+    @property
+    def deferred_ids(self) -> list[int] | None:
+        """The ids list `add` only appends to (text decoded once, at `finish`), or None when it
+        decodes as it goes (streaming, stop strings). A caller may append a token to it in
+        place of `add` (the engine's decode commit does)."""
+        return self.ids if self._deferred else None
+
     # --- decoding ------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
