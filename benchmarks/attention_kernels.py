@@ -213,8 +213,7 @@ def sweep(args) -> None:
             rows.append({"splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages,
                          "us": us, "TBps": kv_bytes / (us * 1e-6) / 1e12})
         rows.sort(key=lambda r: r["us"])
-        default_block_n, default_stages = default_launch(d)  # decode_attention's, num_warps 4
-        default_setting = (default_splits, default_block_n, 4, default_stages)
+        default_setting = (default_splits, *default_launch(d))  # decode_attention's
         default = next((r for r in rows if (r["splits"], r["block_n"], r["num_warps"], r["num_stages"])
                         == default_setting), None)
         print(f"batch {batch} ctx {context} heads {hq}/{hkv} d {d} page {ps}: current default "

@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="folder for the profiler tables of one mixed step")
     ap.add_argument("--graph-batches", default="256", help="decode batch sizes to time as CUDA-graph replays")
     ap.add_argument("--context", type=int, default=700, help="cached tokens per sequence in the graph decode steps")
+    ap.add_argument("--trace-rows", type=int, default=256, help="decode rows of the --trace decode step (at --context)")
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--no-decode-rope-fusion", action="store_true",
@@ -165,7 +166,8 @@ def main() -> None:
             f.write(ka.table(sort_by="self_cpu_time_total", row_limit=40))
         # The decode step's kernels, each one's device time (run eagerly so the profiler sees
         # every launch; a kernel's own duration is the same inside the CUDA graph).
-        fb = make_batch(runner, [1] * 256, [700] * 256)
+        rows, ctx = args.trace_rows, args.context
+        fb = make_batch(runner, [1] * rows, [ctx] * rows)
         go = eager(fb)
         go()
         torch.cuda.synchronize()
@@ -175,7 +177,7 @@ def main() -> None:
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         with open(os.path.join(args.trace, "decode_step_kernels.txt"), "w") as f:
-            f.write("3 eager decode steps (256 decodes @700)\n\n" + table)
+            f.write(f"3 eager decode steps ({rows} decodes @{ctx})\n\n" + table)
         print(table)
         json.dump(results, open(os.path.join(args.trace, "steps.json"), "w"), indent=1)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=25))

@@ -193,13 +193,15 @@ def device_num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_launch(head_dim: int) -> tuple[int, int]:
-    """decode_attention's block_n and num_stages when the caller gives none (num_warps: 4)."""
+def default_launch(head_dim: int) -> tuple[int, int, int]:
+    """decode_attention's (block_n, num_warps, num_stages) when the caller gives none."""
     block_n = 64 if head_dim <= 128 else 32
-    # H200 sweep, 2026-11-30 (docs/benchmarks.md): a third stage helps small heads (256 x
-    # 512/1024 tokens, d64: 34.3 -> 33.5 / 51.6 -> 50.0 us) and not d128.
-    num_stages = 3 if head_dim <= 64 else 2
-    return block_n, num_stages
+    if head_dim <= 64:
+        # H200, 2026-11-30, eighth session (docs/benchmarks.md): two warps a program (more
+        # programs resident per SM) and two stages. Kernel sweep, 1024 rows x 1200 tokens, d64:
+        # 188.5 -> 164.8 us; whole decode-heavy run 3.17 -> 2.75 s in the same call.
+        return block_n, 2, 2
+    return block_n, 4, 2
 
 
 def decode_attention(
@@ -212,7 +214,7 @@ def decode_attention(
     num_kv_splits: int | None = None,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int | None = None,
     rope: DecodeRope | None = None,
 ) -> torch.Tensor:
@@ -232,7 +234,7 @@ def decode_attention(
     out, num_kv_splits = prepare_decode_call(q, k_cache, v_cache, page_table, seq_lens, num_kv_splits, out, rope)
     if q.shape[0] == 0:
         return out
-    block_n, num_stages = _launch_settings(q.shape[2], block_n, num_stages)
+    block_n, num_warps, num_stages = _launch_settings(q.shape[2], block_n, num_warps, num_stages)
     if num_kv_splits == 1:
         # One split: stage 1 writes the output itself (lse is unused: WRITE_LSE=False).
         launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, out, None, 1, rope,
@@ -270,13 +272,17 @@ def prepare_decode_call(
     return out, num_kv_splits
 
 
-def _launch_settings(head_dim: int, block_n: int | None, num_stages: int | None) -> tuple[int, int]:
-    default_block_n, default_stages = default_launch(head_dim)
+def _launch_settings(
+    head_dim: int, block_n: int | None, num_warps: int | None, num_stages: int | None
+) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages): the ones given, default_launch's for the others."""
+    default_block_n, default_warps, default_stages = default_launch(head_dim)
     block_n = default_block_n if block_n is None else block_n
+    num_warps = default_warps if num_warps is None else num_warps
     num_stages = default_stages if num_stages is None else num_stages
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    return block_n, num_stages
+    return block_n, num_warps, num_stages
 
 
 def split_buffers(q: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:

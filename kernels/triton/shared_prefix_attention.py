@@ -154,11 +154,11 @@ def shared_prefix_decode_attention(
     _check_shared(shared, q.shape[0])
     if q.shape[0] == 0:
         return out
-    block_n, num_stages = _launch_settings(q.shape[2], None, None)
+    block_n, num_warps, num_stages = _launch_settings(q.shape[2], None, None, None)
     slots = num_kv_splits + shared.num_splits
     part, lse = split_buffers(q, slots)
     launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, part, lse, num_kv_splits, rope,
-                        kv_starts=shared.kv_starts, block_n=block_n, num_stages=num_stages)
+                        kv_starts=shared.kv_starts, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     _launch_prefix(q, k_cache, v_cache, page_table, scale, shared, part, lse, num_kv_splits, rope)
     launch_decode_merge(part, lse, out, slots, kv_starts=shared.kv_starts, num_own_splits=num_kv_splits)
     return out
