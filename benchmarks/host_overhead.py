@@ -43,6 +43,13 @@ PAGE_SIZE = 16
 POOL_TOKENS = 1_500_000
 
 
+def stub_tokens(batch) -> list[int | None]:
+    """Token 1 for each row that samples; a decode-only step (columns) without building its chunks."""
+    if batch.decode_reqs is not None:
+        return [1] * batch.size
+    return [1 if c.samples else None for c in batch.chunks]
+
+
 def run(workload: str, policy: str, radix: bool, num_prompts: int | None, emit: bool, cpu_clock: bool = True) -> dict:
     reqs_spec = make_workload(workload, VOCAB, num_prompts)
     alloc = PageAllocator(POOL_TOKENS // PAGE_SIZE + 1)
@@ -70,7 +77,7 @@ def run(workload: str, policy: str, radix: bool, num_prompts: int | None, emit: 
         batch = sched.schedule()
         if batch is None:
             raise RuntimeError("scheduler stalled with work queued")
-        tokens = [1 if c.samples else None for c in batch.chunks]
+        tokens = stub_tokens(batch)
         updated = sched.commit(batch, tokens)
         if emit:
             for r in updated:
@@ -78,7 +85,7 @@ def run(workload: str, policy: str, radix: bool, num_prompts: int | None, emit: 
         dt = (clock() - t0) * 1e6
         step_us.append(dt)
         out_tokens += len(updated)
-        if len(sched.waiting) >= 600 and all(not c.prefill for c in batch.chunks):
+        if len(sched.waiting) >= 600 and batch.decode_reqs is not None:
             decode_busy_us.append(dt)
     assert len(sink) == len(reqs) or not emit
     assert all(r.num_output == r.params.max_new_tokens for r in reqs)
@@ -103,7 +110,7 @@ class _StubRunner:
     def run(self, batch):
         if self.step_s:
             time.sleep(self.step_s)
-        return [1 if c.samples else None for c in batch.chunks]
+        return stub_tokens(batch)
 
     # The engine core's launch / collect API (ModelRunner.launch returns a step to collect later).
     def launch(self, batch):

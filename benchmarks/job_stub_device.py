@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from engine_host_profile import TINY_QWEN2  # noqa: E402
+from host_overhead import stub_tokens  # noqa: E402
 from multi_gpu_scaling import write_workload  # noqa: E402
 from offline_throughput import make_workload  # noqa: E402
 
@@ -49,7 +50,7 @@ class StubDevice:
     def launch(self, batch):
         self.ready = max(time.perf_counter(), self.ready) + self.step_s
         return SimpleNamespace(batch=batch, ready=self.ready,
-                               tokens=[1 if c.samples else None for c in batch.chunks])
+                               tokens=stub_tokens(batch))
 
     def collect(self, step):
         wait = step.ready - time.perf_counter()

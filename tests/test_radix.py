@@ -983,3 +983,20 @@ def test_the_trees_keys_and_pages_are_not_walked_by_the_cyclic_gc():
     assert len(nodes) > 2
     for node in nodes:
         assert not gc.is_tracked(node.pages) and not gc.is_tracked(node.key), node
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_long_edge_matches_up_to_the_page_where_it_diverges(page_size):
+    """One 20-page edge; probes that diverge from it inside page k (at any token of the page)
+    match exactly k pages: the binary search over pages inside _common_pages."""
+    _, cache = make(num_pages=64, page_size=page_size)
+    tokens = [random.Random(5).randrange(100) for _ in range(20 * page_size)]
+    put(cache, tokens)
+    for k in range(1, 20):
+        for offset in range(page_size):
+            probe = list(tokens)
+            probe[k * page_size + offset] = 100 + k  # a token the edge does not have
+            assert cache.match_len(probe) == k * page_size
+            assert cache.match_len(probe[: (k + 1) * page_size]) == k * page_size
+    assert cache.match_len(tokens) == len(tokens)
+    assert cache.match_prefix(tokens[:7 * page_size] + [999] * page_size).num_tokens == 7 * page_size

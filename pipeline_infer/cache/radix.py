@@ -359,10 +359,17 @@ class RadixCache:
         key = child.key
         if key[:span] == tuple(seg):
             return span // ps  # common case: the whole (overlapping) edge matches
-        j = ps
-        while key[j] == seg[j]:
-            j += 1
-        return j // ps
+        # Binary search over whole pages with C-speed slice comparisons: a token-by-token loop
+        # costs ~30 us on a 1,024-token edge (a shared prompt prefix whose edge runs on into one
+        # request's suffix), paid by every probe of a waiting request of that group.
+        lo, hi = 1, span // ps - 1  # key's first lo pages match seg's; its first hi + 1 do not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if key[lo * ps : mid * ps] == tuple(seg[lo * ps : mid * ps]):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _split(self, node: RadixNode, m: int) -> RadixNode:
         """Cut node's edge after m pages; returns the new upper node (node keeps the rest)."""
