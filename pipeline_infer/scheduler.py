@@ -153,7 +153,7 @@ class ScheduledBatch:
         decode_starts: list[int] | None = None,
     ) -> None:
         if (chunks is None) == (decode_reqs is None):
-            raise TypeError("ScheduledBatch takes chunks or decode_reqs (with decode_starts), not both")
+            raise TypeError("ScheduledBatch takes exactly one of chunks and decode_reqs (with decode_starts)")
         self._chunks = chunks
         self.decode_reqs = decode_reqs  # None unless every row is a one-token decode that samples
         self.decode_starts = decode_starts

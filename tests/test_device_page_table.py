@@ -116,14 +116,10 @@ def test_triton_engine_with_the_device_table_matches_the_torch_backend(tmp_path,
     while others decode, a prefix shared through the radix cache, and a pool small enough to
     retract; greedy ids must equal the torch backend's (which rebuilds the table on the host)."""
     from pipeline_infer import Engine
-    from tiny_models import VOCAB, make_tiny_model
+    from tiny_models import make_tiny_model, mixed_admission_workload
 
     directory, _ = make_tiny_model(str(tmp_path), "llama", head_dim=16)
-    rng = random.Random(page_size)
-    shared = [rng.randrange(3, VOCAB) for _ in range(21)]
-    prompts = [([] if i % 3 else shared) + [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))]
-               for i in range(10)]
-    params = [{"temperature": 0, "max_new_tokens": rng.randint(3, 24), "ignore_eos": True} for _ in prompts]
+    prompts, params = mixed_admission_workload(page_size)
     outs = {}
     for backend in ("torch", "triton"):
         with Engine(directory, attention_backend=backend, page_size=page_size, dtype="float32",

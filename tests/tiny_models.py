@@ -79,3 +79,17 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) ->
             pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()
+
+
+def mixed_admission_workload(seed: int) -> tuple[list[list[int]], list[dict]]:
+    """Ten greedy prompts (every third starts with the same 21 tokens, for the radix cache) of
+    3-24 new tokens each: with 4 running requests and a small pool, admissions while others
+    decode, a shared prefix and retractions."""
+    import random
+
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, VOCAB) for _ in range(21)]
+    prompts = [([] if i % 3 else shared) + [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))]
+               for i in range(10)]
+    params = [{"temperature": 0, "max_new_tokens": rng.randint(3, 24), "ignore_eos": True} for _ in prompts]
+    return prompts, params
