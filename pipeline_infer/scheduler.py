@@ -252,7 +252,9 @@ class _InFlight:
 def _common(key: tuple[int, ...], ids: list[int], i: int, n: int) -> int:
     """Length of the common prefix of key and ids[i:n] (key[0] == ids[i] is known)."""
     span = min(len(key), n - i)
-    if key[:span] == tuple(ids[i : i + span]):
+    # The whole span in one comparison, unless its last tokens already differ (the usual miss:
+    # two prompts sharing a long prefix, then not): that comparison would be wasted.
+    if key[span - 1] == ids[i + span - 1] and key[:span] == tuple(ids[i : i + span]):
         return span
     lo, hi = 1, span - 1  # key[:lo] matches; key[:hi + 1] does not
     while lo < hi:  # binary search with C-speed slice comparisons

@@ -357,7 +357,7 @@ class RadixCache:
         span = min(len(child.pages), n - i) * ps
         seg = token_ids[i * ps : i * ps + span]
         key = child.key
-        if key[:span] == tuple(seg):
+        if key[span - 1] == seg[-1] and key[:span] == tuple(seg):
             return span // ps  # common case: the whole (overlapping) edge matches
         # Binary search over whole pages with C-speed slice comparisons: a token-by-token loop
         # costs ~30 us on a 1,024-token edge (a shared prompt prefix whose edge runs on into one
