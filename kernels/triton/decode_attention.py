@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, check_launchable, is_interpreted, next_power_of_2
-from pipeline_infer.kernels.triton.paged_block import attend_paged_range
+from pipeline_infer.kernels.triton.paged_block import attend_paged_range, dot_operand
 
 LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 64
@@ -92,10 +92,7 @@ def _decode_split_kernel(
             tl.store(v_dst + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
         # The block's threads read what others of them just wrote: a barrier orders the two.
         tl.debug_barrier()
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    else:
-        q = q.to(k_cache_ptr.dtype.element_ty)
+    q = dot_operand(q, k_cache_ptr, DOT_FP32)
 
     out, lse = attend_paged_range(
         q, k_cache_ptr, v_cache_ptr, page_table_ptr + b64 * stride_pt, start, end, offs_h,

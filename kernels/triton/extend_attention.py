@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, check_launchable, is_interpreted, next_power_of_2
-from pipeline_infer.kernels.triton.paged_block import attend_paged_block
+from pipeline_infer.kernels.triton.paged_block import attend_paged_block, dot_operand
 
 LOG2E = 1.4426950408889634
 
@@ -60,10 +60,7 @@ def _extend_kernel(
         q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
         mask=row_mask[:, None] & d_mask[None, :], other=0.0,
     )
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    else:
-        q = q.to(k_cache_ptr.dtype.element_ty)
+    q = dot_operand(q, k_cache_ptr, DOT_FP32)
     # Rows past the block's tokens get positions beyond every key, so no row is fully masked.
     q_pos = prefix_len + tok
 

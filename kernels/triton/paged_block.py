@@ -15,6 +15,14 @@ import triton.language as tl
 
 
 @triton.jit
+def dot_operand(q, k_cache_ptr, DOT_FP32: tl.constexpr):
+    """Queries as the block's dots take them: fp32 with DOT_FP32, else the cache's dtype."""
+    if DOT_FP32:
+        return q.to(tl.float32)
+    return q.to(k_cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def attend_paged_block(
     q, acc, m_i, l_i,  # [M, D] queries (cache dtype); [M, D], [M], [M] fp32 running state
     k_cache_ptr, v_cache_ptr, page_row_ptr,  # page_row_ptr: this sequence's page_table row

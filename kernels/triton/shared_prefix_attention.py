@@ -35,7 +35,7 @@ from pipeline_infer.kernels.triton.decode_attention import (
     split_buffers,
 )
 from pipeline_infer.kernels.triton.launch import check_dtype, check_launchable, is_interpreted, next_power_of_2
-from pipeline_infer.kernels.triton.paged_block import attend_paged_range
+from pipeline_infer.kernels.triton.paged_block import attend_paged_range, dot_operand
 
 # Query rows of one program: ROWS sequences x BLOCK_H heads. 128 keeps the fp32 accumulator of
 # a head_dim 128 tile in registers at 8 warps.
@@ -113,10 +113,7 @@ def _shared_prefix_kernel(
         cos, sin, partner = _rope_factors(cos_sin_ptr + pos[:, None] * stride_cs, offs_d, HALF)
         q_pair = tl.load(q_ptrs + partner[None, :], mask=md_mask, other=0.0)
         q = _rotate(q, q_pair, cos, sin).to(q_ptr.dtype.element_ty)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    else:
-        q = q.to(k_cache_ptr.dtype.element_ty)
+    q = dot_operand(q, k_cache_ptr, DOT_FP32)
 
     out, lse = attend_paged_range(
         q, k_cache_ptr, v_cache_ptr, page_table_ptr + table_row * stride_pt, start, end, offs_m,
