@@ -299,10 +299,7 @@ class ModelRunner:
         finder = self.shared_prefix_finder
         if finder is not None and n == len(reqs):  # a decode step (one token a row)
             chunks = batch.chunks
-            same = update is not None and self.device_tables.same_batch
-            fb.shared_prefix = finder.plan(reqs, lambda: [c.start + 1 for c in chunks], same)
-            if fb.shared_prefix is not None:
-                self.shared_prefix_steps += 1
+            self._plan_shared_prefix(fb, reqs, lambda: [c.start + 1 for c in chunks], update is not None)
         elif finder is not None:
             finder.reset()  # the device table's "same batch" now compares against this step
         return fb
@@ -345,13 +342,8 @@ class ModelRunner:
         else:
             page_table_host = self.page_tables.build(reqs)
             page_table = to_device(torch.from_numpy(page_table_host), self.device)
-        if pending == n:
-            prev = self._prev_sampled
-            assert prev is not None, "a placeholder token without a step in flight"
-            if n == prev.shape[0] and sources == rows:
-                input_ids = prev  # the usual decode step: same requests, same order
-            else:
-                input_ids = prev[ints_to_device(sources, self.device)]
+        if pending == n:  # every row's token is still on the device: no ids were sent
+            input_ids = self._fill_in_flight(None, rows, sources)
         elif pending:
             fill_rows = [i for i, t in enumerate(tokens) if t == PLACEHOLDER]
             input_ids = self._fill_in_flight(ids_dev, fill_rows, [sources[i] for i in fill_rows])
@@ -369,13 +361,16 @@ class ModelRunner:
             attn_backend=self.attn_backend,
             decode_only=True,
         )
-        finder = self.shared_prefix_finder
-        if finder is not None:
-            same = update is not None and self.device_tables.same_batch
-            fb.shared_prefix = finder.plan(reqs, lambda: [s + 1 for s in starts], same)
-            if fb.shared_prefix is not None:
-                self.shared_prefix_steps += 1
+        if self.shared_prefix_finder is not None:
+            self._plan_shared_prefix(fb, reqs, lambda: [s + 1 for s in starts], update is not None)
         return fb
+
+    def _plan_shared_prefix(self, fb: ForwardBatch, reqs: list, seq_lens, on_device_table: bool) -> None:
+        """A decode step's shared-prefix groups (shared_prefix.py) into fb.shared_prefix."""
+        same = on_device_table and self.device_tables.same_batch
+        fb.shared_prefix = self.shared_prefix_finder.plan(reqs, seq_lens, same)
+        if fb.shared_prefix is not None:
+            self.shared_prefix_steps += 1
 
     def _row_list(self, n: int) -> list[int]:
         """[0, 1, ..., n - 1] (a kept list, grown as needed; compare, do not change)."""
@@ -396,13 +391,20 @@ class ModelRunner:
         pages = page_table.gather(1, torch.div(positions, ps, rounding_mode="floor").unsqueeze(1)).view(-1)
         return pages.long() * ps + positions % ps
 
-    def _fill_in_flight(self, input_ids: torch.Tensor, rows: list[int], sources: list[int]) -> torch.Tensor:
-        """Put the previous step's samples (on the device, not yet on the host) into input_ids."""
+    def _fill_in_flight(self, input_ids: torch.Tensor | None, rows: list[int], sources: list[int]) -> torch.Tensor:
+        """Put the previous step's samples (on the device, not yet on the host) into input_ids:
+        row rows[i] gets sample sources[i]. input_ids None: every row of the step is one of
+        them (rows is 0..n-1) and nothing was sent for it."""
         prev = self._prev_sampled
         assert prev is not None, "a placeholder token without a step in flight"
         n = len(rows)
-        if n == input_ids.shape[0] and n == prev.shape[0] and rows == sources == list(range(n)):
-            return prev  # the usual decode step: same requests, same order
+        # Every row i takes sample i: the samples are the step's ids as they are (the usual
+        # decode step: same requests, same order).
+        every_row = input_ids is None or (n == input_ids.shape[0] and rows == list(range(n)))
+        if every_row and n == prev.shape[0] and rows == sources:
+            return prev
+        if input_ids is None:
+            return prev[ints_to_device(sources, self.device)]
         index = ints_to_device(rows + sources, self.device)
         input_ids[index[:n]] = prev[index[n:]]
         return input_ids

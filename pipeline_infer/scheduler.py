@@ -437,13 +437,18 @@ class Scheduler:
         return False
 
     def _batch(self, chunks: list[ScheduledChunk]) -> ScheduledBatch:
-        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
+        self._decay_new_token_ratio()
         self._advance(chunks)
         return ScheduledBatch(chunks)
 
+    def _decay_new_token_ratio(self) -> None:
+        """Each scheduled step lowers the decode-growth estimate admission reserves for (a
+        retraction raises it again: `_retract`)."""
+        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
+
     def _decode_batch(self, decodes: list[Request]) -> ScheduledBatch:
         """A step of decodes alone, as columns (see ScheduledBatch); `_advance` for each row inline."""
-        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
+        self._decay_new_token_ratio()
         starts: list[int] = []
         for req in decodes:
             start = req.num_computed
@@ -479,7 +484,7 @@ class Scheduler:
         if batch.decode_reqs is not None:
             return self._commit_decodes(batch.decode_reqs, batch.decode_starts, next_tokens)
         updated: list[Request] = []
-        running, finished, inflight = RequestStatus.RUNNING, RequestStatus.FINISHED, self._inflight
+        running, inflight = RequestStatus.RUNNING, self._inflight
         for chunk, token in zip(batch.chunks, next_tokens):
             req = chunk.req
             if req.status is not running:  # finished or aborted while the step ran
@@ -491,11 +496,9 @@ class Scheduler:
                 if inflight is not None and chunk.prefill:
                     inflight.remove(req)
                 assert token is not None
-                req.fill_token(chunk.start + chunk.length, token)
+                done = self._take_token(req, chunk.start + chunk.length, token)
                 updated.append(req)
-                if req.status is finished:
-                    self.running.remove(req)
-                    self._release(req, cache_kv=True)
+                if done:
                     continue
             if chunk.prefill:
                 # The prefix cache takes the computed whole pages once the step has run (with the
@@ -510,7 +513,7 @@ class Scheduler:
         call, no re-derived sizes; a stop token, its last token by length, or anything else goes
         through Request.fill_token."""
         updated: list[Request] = []
-        running, finished = RequestStatus.RUNNING, RequestStatus.FINISHED
+        running = RequestStatus.RUNNING
         for req, start, token in zip(reqs, starts, tokens):
             if req.status is not running:  # finished or aborted while the step ran
                 continue
@@ -526,12 +529,18 @@ class Scheduler:
                     deferred.append(token)
                 updated.append(req)
                 continue
-            req.fill_token(position, token)
+            self._take_token(req, position, token)
             updated.append(req)
-            if req.status is finished:
-                self.running.remove(req)
-                self._release(req, cache_kv=True)
         return updated
+
+    def _take_token(self, req: Request, position: int, token: int) -> bool:
+        """Request.fill_token, then release the request if that finished it (True then)."""
+        req.fill_token(position, token)
+        if req.status is not RequestStatus.FINISHED:
+            return False
+        self.running.remove(req)
+        self._release(req, cache_kv=True)
+        return True
 
     # --- admission -----------------------------------------------------------------
     def _admit(self, budget: int) -> list[Request]:
