@@ -8,12 +8,8 @@ them. Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py se
 TRITON_INTERPRET=1 before triton is imported).
 """
 
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -7,12 +7,8 @@ the step sent to the scratch slot) and the stale values earlier, larger steps le
 buffers. On a GPU the captured graphs themselves are checked (marked gpu).
 """
 
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random  # noqa: E402
 

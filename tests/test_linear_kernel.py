@@ -4,12 +4,8 @@ Without CUDA the kernel runs in Triton's interpreter at small sizes (TRITON_INTE
 set before triton is imported).
 """
 
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

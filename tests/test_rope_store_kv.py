@@ -7,12 +7,8 @@ missed) shows up. Without CUDA the kernel runs in Triton's interpreter (TRITON_I
 set before triton is imported; see tests/conftest.py).
 """
 
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

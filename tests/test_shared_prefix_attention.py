@@ -7,13 +7,9 @@ NaN, so reading outside a row's keys, or a prefix slot a row does not have, fail
 Without CUDA the kernels run in Triton's interpreter at small sizes.
 """
 
-import os
 from types import SimpleNamespace
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

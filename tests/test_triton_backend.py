@@ -6,12 +6,8 @@ run in Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is imp
 tests/test_triton_kernels.py).
 """
 
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
