@@ -458,9 +458,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[fb.logits_indices]) if reqs else None
         if reqs:
             argmax_only = self._argmax_only(reqs, decode_reqs is not None)
-            grammars = [r.grammar for r in reqs]
             # Filled on the host while the device still runs the forward pass.
-            bitmask = fill_bitmask(grammars, logits.shape[-1]) if grammars.count(None) != len(reqs) else None
+            bitmask = fill_bitmask([r.grammar for r in reqs], logits.shape[-1])
             if argmax_only:  # every row a bare argmax (the usual greedy batch job): no per-row set-up
                 info = SamplingBatchInfo.build(
                     params=[], prompt_ids=[], output_ids=[], seeds=[], steps=[], vocab_size=logits.shape[-1],

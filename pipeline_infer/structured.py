@@ -114,7 +114,7 @@ class GrammarState:
 def fill_bitmask(grammars: Sequence["GrammarState | None"], vocab_size: int) -> torch.Tensor | None:
     """Host int32 bitmask [B, ceil(V / 32)] of the allowed tokens per row (all allowed where no
     grammar, or where the grammar has already ended); None when no row has a grammar."""
-    if all(g is None for g in grammars):
+    if grammars.count(None) == len(grammars):  # at C speed: every sampling step asks
         return None
     words = (vocab_size + 31) // 32
     bitmask = torch.full((len(grammars), words), -1, dtype=torch.int32)
