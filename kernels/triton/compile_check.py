@@ -19,6 +19,7 @@ _POINTER_TYPES = {
     "block_seq_ptr": "*i32", "block_start_ptr": "*i32", "num_blocks_ptr": "*i32",
     "kv_start_ptr": "*i32", "rows_ptr": "*i32", "items_ptr": "*i32", "num_items_ptr": "*i32",
     "loc_ptr": "*i64", "pos_ptr": "*i64", "lse_ptr": "*fp32", "part_ptr": "*fp32", "cos_sin_ptr": "*fp32",
+    "idx_out_ptr": "*i64", "part_max_ptr": "*fp32", "part_idx_ptr": "*i32",
 }
 _FLOAT_ARGS = {"sm_scale_log2", "eps"}
 
@@ -26,7 +27,7 @@ _FLOAT_ARGS = {"sm_scale_log2", "eps"}
 def _variants() -> list[tuple[Any, dict, str]]:
     """(kernel, constexprs, dtype of data pointers) for each compiled variant the wrappers use."""
     from pipeline_infer.kernels.triton import (
-        activation, decode_attention, extend_attention, rms_norm, rope_store_kv, rotary, shared_prefix_attention,
+        activation, argmax, decode_attention, extend_attention, rms_norm, rope_store_kv, rotary, shared_prefix_attention,
         store_kv,
     )
 
@@ -38,8 +39,8 @@ def _variants() -> list[tuple[Any, dict, str]]:
         (decode_attention._decode_split_kernel, dict(decode, WRITE_LSE=True, DOT_FP32=False), "bf16"),
         (decode_attention._decode_split_kernel, dict(decode, PAGE_SIZE=1, WRITE_LSE=False, DOT_FP32=True), "fp32"),
         (decode_attention._decode_split_kernel, dict(decode, WRITE_LSE=True, DOT_FP32=False, HAS_START=True), "bf16"),
-        (decode_attention._decode_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=8, HAS_START=False), "bf16"),
-        (decode_attention._decode_merge_kernel, dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_S=4, HAS_START=True), "bf16"),
+        (decode_attention._decode_merge_kernel, dict(NUM_HEADS=32, BLOCK_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=8, HAS_START=False), "bf16"),
+        (decode_attention._decode_merge_kernel, dict(NUM_HEADS=14, BLOCK_HEADS=16, HEAD_DIM=64, BLOCK_D=64, BLOCK_S=4, HAS_START=True), "bf16"),
         (shared_prefix_attention._shared_prefix_kernel, dict(prefix, FUSE_ROPE=True, HALF=32), "bf16"),
         (shared_prefix_attention._shared_prefix_kernel, dict(prefix, GROUP=4, BLOCK_H=4, ROWS=32, HEAD_DIM=128,
                                                              BLOCK_D=128, BLOCK_N=32, FUSE_ROPE=False, HALF=0), "bf16"),
@@ -56,6 +57,9 @@ def _variants() -> list[tuple[Any, dict, str]]:
         (rope_store_kv._rope_store_kv_kernel, dict(NUM_Q_HEADS=4, NUM_KV_HEADS=4, HEAD_DIM=128, HALF=32, PASS=64, BLOCK_QH=4,
                                                    BLOCK_KH=4, BLOCK_HALF=32, BLOCK_PASS=64, BLOCK_D=128), "fp32"),
         (activation._silu_and_mul_kernel, dict(BLOCK=1024), "bf16"),
+        (argmax._argmax_kernel, dict(BLOCK=argmax.BLOCK, SINGLE=True), "bf16"),
+        (argmax._argmax_kernel, dict(BLOCK=argmax.BLOCK, SINGLE=False), "fp32"),
+        (argmax._pick_chunk_kernel, dict(BLOCK_C=8), "fp32"),
     ]
 
 
