@@ -4,8 +4,8 @@ Stage 1 runs one program per (sequence, kv head, split). It loads each key/value
 split once and scores it against all the query heads of the kv head's GQA group at once
 (the group is padded to 16 rows, the smallest `tl.dot` tile), so KV traffic does not grow
 with the group size. It writes the split's normalised output and its log-sum-exp.
-Stage 2 merges the splits of each sequence, all its query heads in one program. With one split, stage 1 writes
-the final output directly and stage 2 is skipped.
+Stage 2 merges the splits of each sequence, all its query heads in one program. With one
+split, stage 1 writes the final output directly and stage 2 is skipped.
 
 With `rope` given (decode_attention's last argument), stage 1 also does the step's rotary
 embedding and K/V store, the work of rope_store_kv: each program rotates its group's queries
