@@ -239,6 +239,8 @@ def main():
                     help="Engine(disable_extend_cuda_graph=True): prefill and mixed steps run eagerly")
     ap.add_argument("--disable-overlap-schedule", action="store_true",
                     help="Engine(disable_overlap_schedule=True): collect each step's tokens before the next")
+    ap.add_argument("--chunked-prefill-size", type=int, default=None,
+                    help="prefill tokens per step (the engine's default: 8192)")
     ap.add_argument("--admission-batch", type=int, default=None,
                     help="Engine(admission_batch=N); 1 admits as soon as a slot frees (default: the engine's)")
     ap.add_argument("--breakdown", action="store_true",
@@ -269,6 +271,8 @@ def main():
         opts["max_running_requests"] = args.max_running_requests
     if args.admission_batch:
         opts["admission_batch"] = args.admission_batch
+    if args.chunked_prefill_size:
+        opts["chunked_prefill_size"] = args.chunked_prefill_size
     if args.disable_overlap_schedule:
         opts["disable_overlap_schedule"] = True
     if args.disable_extend_cuda_graph:
@@ -280,6 +284,7 @@ def main():
         + (["no-radix"] if args.disable_radix_cache else [])
         + (["no-mixed"] if args.no_mixed_chunk else [])
         + ([f"admit{args.admission_batch}"] if args.admission_batch else [])
+        + ([f"chunk{args.chunked_prefill_size}"] if args.chunked_prefill_size else [])
         + (["no-overlap"] if args.disable_overlap_schedule else [])
         + (["no-extend-graphs"] if args.disable_extend_cuda_graph else [])
         + (["cascade"] if args.enable_cascade_attn else [])
