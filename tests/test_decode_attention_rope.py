@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from pipeline_infer.kernels import reference as ref  # noqa: E402
 from pipeline_infer.kernels.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from pipeline_infer.kernels.triton import decode_attention as decode_module  # noqa: E402
 from pipeline_infer.kernels.triton.decode_attention import DecodeRope, _decode_split_kernel, decode_attention  # noqa: E402
 from pipeline_infer.kernels.triton.launch import is_interpreted  # noqa: E402
 from pipeline_infer.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -95,6 +96,15 @@ def test_fused_rope_decode_matches_rotate_store_attend(splits, page_size, hq, hk
     torch.testing.assert_close(k_cache, exp_k, rtol=1e-5, atol=1e-5, equal_nan=True)
     torch.testing.assert_close(v_cache, exp_v, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(c["q"], q_before), "q (a view of the projection's output) was written"
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_the_heads_fastest_grid_rotates_stores_and_attends_the_same(monkeypatch, splits):
+    """decode_attention.HEADS_FASTEST (a row's kv heads in adjacent programs) changes the launch
+    order only: the same output and cache writes as rotate -> store -> attend."""
+    monkeypatch.setattr(decode_module, "HEADS_FASTEST", True)
+    test_fused_rope_decode_matches_rotate_store_attend(splits, 16, 14, 2, 64, 64)
+    test_fused_rope_decode_matches_rotate_store_attend(splits, 1, 4, 2, 128, 64)
 
 
 def test_fused_rope_decode_bf16():

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("triton")
 
 from pipeline_infer.kernels import reference as ref  # noqa: E402
+from pipeline_infer.kernels.triton import decode_attention as decode_module  # noqa: E402
 from pipeline_infer.kernels.triton.decode_attention import DecodeRope, decode_attention  # noqa: E402
 from pipeline_infer.kernels.triton.launch import is_interpreted  # noqa: E402
 from pipeline_infer.kernels.triton.shared_prefix_attention import (  # noqa: E402
@@ -132,6 +133,12 @@ def test_shared_prefix_with_rotary_and_kv_store_matches_the_decode_kernel() -> N
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_cache, k_ref, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(v_cache, v_ref, equal_nan=True, rtol=0, atol=0)
+
+
+def test_own_keys_pass_with_the_heads_fastest_grid(monkeypatch) -> None:
+    """The split kernel's other grid order (decode_attention.HEADS_FASTEST) in cascade's own-keys pass."""
+    monkeypatch.setattr(decode_module, "HEADS_FASTEST", True)
+    test_shared_prefix_matches_attention_over_whole_sequences(16, 7, 2, 64)
 
 
 def test_finder_groups_rows_by_their_common_pages_and_skips_small_savings() -> None:

@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 
 from pipeline_infer.kernels import reference as ref  # noqa: E402
 from pipeline_infer.kernels.triton.activation import silu_and_mul  # noqa: E402
+from pipeline_infer.kernels.triton import decode_attention as decode_module  # noqa: E402
 from pipeline_infer.kernels.triton.decode_attention import (  # noqa: E402
     _decode_split_kernel,
     choose_num_kv_splits,
@@ -145,6 +146,12 @@ def test_decode_attention_matches_reference(head_dim: int, group: int, page_size
 
 def test_decode_attention_any_number_of_splits() -> None:
     assert run_decode(11, [130, 17, 64, 65], 2, 4, 64, 16, [1, 2, 5, 64, None]) < 1e-5
+
+
+def test_decode_attention_with_the_heads_fastest_grid(monkeypatch) -> None:
+    monkeypatch.setattr(decode_module, "HEADS_FASTEST", True)
+    assert run_decode(11, [130, 17, 64, 65], 2, 4, 64, 16, [1, 2, 5]) < 1e-5
+    assert run_decode(12, [97, 1, 40], 1, 7, 128, 1, [3]) < 1e-5  # one kv head
 
 
 def test_decode_attention_bf16_and_odd_head_dim() -> None:

@@ -39,6 +39,7 @@ def _variants() -> list[tuple[Any, dict, str]]:
         (decode_attention._decode_split_kernel, dict(decode, WRITE_LSE=True, DOT_FP32=False), "bf16"),
         (decode_attention._decode_split_kernel, dict(decode, PAGE_SIZE=1, WRITE_LSE=False, DOT_FP32=True), "fp32"),
         (decode_attention._decode_split_kernel, dict(decode, WRITE_LSE=True, DOT_FP32=False, HAS_START=True), "bf16"),
+        (decode_attention._decode_split_kernel, dict(decode, WRITE_LSE=False, DOT_FP32=False, HEADS_FASTEST=True), "bf16"),
         (decode_attention._decode_merge_kernel, dict(NUM_HEADS=32, BLOCK_HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=8, HAS_START=False), "bf16"),
         (decode_attention._decode_merge_kernel, dict(NUM_HEADS=14, BLOCK_HEADS=16, HEAD_DIM=64, BLOCK_D=64, BLOCK_S=4, HAS_START=True), "bf16"),
         (shared_prefix_attention._shared_prefix_kernel, dict(prefix, FUSE_ROPE=True, HALF=32), "bf16"),

@@ -28,6 +28,12 @@ from pipeline_infer.kernels.triton.paged_block import attend_paged_range, dot_op
 
 LOG2E = 1.4426950408889634
 MAX_KV_SPLITS = 64
+# Grid order of the split kernel. False: (batch, kv heads, splits), a row's kv heads a batch
+# apart in launch order. True: (kv heads, batch, splits), a row's kv heads in adjacent programs,
+# which then read the same pages (a token's heads share 256 bytes at head_dim 64) at about the
+# same time. Off until measured on a GPU: the ninth session left the A/B for the next
+# (.snap/next_session.sh); tests run both orders.
+HEADS_FASTEST = False
 # A split shorter than this spends more on its merge than it saves in parallelism.
 MIN_TOKENS_PER_SPLIT = 256
 
@@ -51,9 +57,16 @@ def _decode_split_kernel(
     # HAS_START: sequence b attends only to keys from kv_start_ptr[b] on (the keys before are a
     # shared prefix that shared_prefix_attention attends to once for the rows sharing it).
     HAS_START: tl.constexpr,
+    # HEADS_FASTEST: the grid is (kv heads, batch, splits), so a row's kv heads run in adjacent
+    # programs (module constant HEADS_FASTEST below).
+    HEADS_FASTEST: tl.constexpr = False,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FASTEST:
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     first = 0
@@ -315,7 +328,9 @@ def launch_decode_split(
         part_strides, lse, lse_strides = (part.stride(0), part.stride(1), 0), part, (0, 0)
     else:
         part_strides, lse_strides = (part.stride(0), part.stride(1), part.stride(2)), (lse.stride(0), lse.stride(1))
-    _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
+    heads_fastest = HEADS_FASTEST
+    grid = (num_kv_heads, batch, num_kv_splits) if heads_fastest else (batch, num_kv_heads, num_kv_splits)
+    _decode_split_kernel[grid](
         q, k_cache, v_cache, page_table, seq_lens, part, lse,
         scale * LOG2E, num_kv_splits, seq_lens if kv_starts is None else kv_starts,
         q.stride(0), q.stride(1),
@@ -326,7 +341,7 @@ def launch_decode_split(
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_H=max(16, next_power_of_2(group)), BLOCK_D=next_power_of_2(head_dim), BLOCK_N=block_n,
         WRITE_LSE=lse is not part, DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_decode_split_kernel),
-        **_rope_args(rope, q, seq_lens), HAS_START=kv_starts is not None,
+        **_rope_args(rope, q, seq_lens), HAS_START=kv_starts is not None, HEADS_FASTEST=heads_fastest,
         num_warps=num_warps, num_stages=num_stages,
     )
 
