@@ -26,8 +26,8 @@ from pipeline_infer.kernels.triton.decode_attention import (
     choose_num_kv_splits,
     decode_attention,
     default_launch,
-    device_num_sms,
 )
+from pipeline_infer.kernels.triton.launch import device_num_sms
 
 # (batch, context, q heads, kv heads, head dim, page size): the two shapes, then more.
 SHAPES = [

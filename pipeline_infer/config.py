@@ -68,10 +68,10 @@ class EngineConfig:
     # Cascade attention: decode rows whose prompts share cached prefix pages (the radix cache's)
     # read those pages once per group of rows instead of once per row
     # (kernels/triton/shared_prefix_attention.py; Triton backend, radix cache on). Off by
-    # default: on an H200 with 1,024 rows of the shared-prefix workload it cut attention by 41%
-    # and the decode step's device time by 18%, but a step's host work (~4 ms at that batch,
-    # plus ~0.75 ms to find the groups) then set the pace, and end to end it was no faster
-    # (2.36 vs 1.82 s and 2.37 vs 2.68 s in two calls; docs/benchmarks.md).
+    # default: on an H200 with 1,024 rows of the shared-prefix workload its kernels take 67 us
+    # a layer against 118 us without (ninth session), but the step's host work (the groups
+    # are found on the host) then sets the pace, and end to end it was slower (2.13 vs
+    # 1.88 s in the same call; docs/benchmarks.md, seventh to ninth sessions).
     enable_cascade_attn: bool = False
 
     # outputs

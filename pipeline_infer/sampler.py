@@ -178,10 +178,11 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) of [B, V] logits: on a GPU our Triton kernel, which reads the
     logits at close to copy bandwidth where torch's reduction ran at ~40% of it
     (kernels/triton/argmax.py); the same first-index-of-the-max answer."""
-    if use_triton(logits) and logits.dim() == 2 and logits.stride(1) == 1:
-        from pipeline_infer.kernels.triton.argmax import row_argmax
+    if use_triton(logits):
+        from pipeline_infer.kernels.triton.argmax import row_argmax, takes_layout
 
-        return row_argmax(logits)
+        if takes_layout(logits):
+            return row_argmax(logits)
     return logits.argmax(dim=-1)
 
 

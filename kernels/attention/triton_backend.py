@@ -24,9 +24,9 @@ from pipeline_infer.kernels.triton.decode_attention import (
     DecodeRope,
     choose_num_kv_splits,
     decode_attention,
-    device_num_sms,
 )
 from pipeline_infer.kernels.triton.extend_attention import extend_attention, extend_blocks, tokens_per_block
+from pipeline_infer.kernels.triton.launch import device_num_sms
 from pipeline_infer.kernels.triton.rope_store_kv import rope_store_kv
 from pipeline_infer.kernels.triton.shared_prefix_attention import (
     ITEM_FIELDS,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, check_launchable, next_power_of_2
+from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, check_launchable, device_num_sms, next_power_of_2
 
 BLOCK = 2048  # values a program reads per step: 8 warps x 32 lanes x 8 bf16 (16-byte loads)
 MAX_CHUNKS = 32
@@ -78,11 +78,16 @@ def choose_chunks(rows: int, n_cols: int, num_sms: int) -> int:
     return max(1, min(wanted, -(-n_cols // BLOCK), MAX_CHUNKS))
 
 
+def takes_layout(x: torch.Tensor) -> bool:
+    """Whether row_argmax takes x's layout: 2-D with a contiguous last dim."""
+    return x.dim() == 2 and x.stride(1) == 1
+
+
 def row_argmax(x: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
     """torch.argmax(x, dim=-1) for a 2-D [rows, n] tensor with a contiguous last dim."""
     check_launchable(_argmax_kernel, x)
     check_dtype("x", x, FLOAT_DTYPES)
-    if x.dim() != 2 or x.stride(1) != 1:
+    if not takes_layout(x):
         raise ValueError(f"x must be a 2-D tensor with a contiguous last dim, got shape {tuple(x.shape)}")
     rows, n_cols = x.shape
     if n_cols == 0:
@@ -91,8 +96,7 @@ def row_argmax(x: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
     if rows == 0:
         return out
     if chunks is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-        chunks = choose_chunks(rows, n_cols, sms)
+        chunks = choose_chunks(rows, n_cols, device_num_sms(x.device))
     if not 1 <= chunks <= MAX_CHUNKS:
         raise ValueError(f"chunks must be in [1, {MAX_CHUNKS}], got {chunks}")
     chunk_len = -(-n_cols // chunks)

@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline_infer.kernels.triton.launch import FLOAT_DTYPES, check_dtype, check_launchable, is_interpreted, next_power_of_2
+from pipeline_infer.kernels.triton.launch import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_launchable,
+    device_num_sms,
+    is_interpreted,
+    next_power_of_2,
+)
 from pipeline_infer.kernels.triton.paged_block import attend_paged_range, dot_operand
 
 LOG2E = 1.4426950408889634
@@ -205,13 +212,6 @@ def choose_num_kv_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, n
     return max(1, min(wanted, by_length, MAX_KV_SPLITS))
 
 
-def device_num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; a small stand-in on the CPU (interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_launch(head_dim: int) -> tuple[int, int, int]:
     """decode_attention's (block_n, num_warps, num_stages) when the caller gives none."""
     block_n = 64 if head_dim <= 128 else 32
@@ -318,7 +318,7 @@ def launch_decode_split(
     part: torch.Tensor,  # the output [B, Hq, D] when lse is None, else split_buffers' part
     lse: torch.Tensor | None, num_kv_splits: int, rope: DecodeRope | None,
     kv_starts: torch.Tensor | None = None,  # [B] int32: first key each sequence attends to (default 0)
-    block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    *, block_n: int, num_warps: int, num_stages: int,  # _launch_settings' (callers pick, no second set of defaults)
 ) -> None:
     """Stage 1 (arguments already checked): splits 0..num_kv_splits-1 of each sequence's keys."""
     batch, num_q_heads, head_dim = q.shape

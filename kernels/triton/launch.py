@@ -44,5 +44,12 @@ def next_power_of_2(n: int) -> int:
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def device_num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in on the CPU (interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _name(kernel: object) -> str:
     return getattr(kernel, "__name__", type(kernel).__name__)
