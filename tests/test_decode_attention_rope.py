@@ -99,10 +99,10 @@ def test_fused_rope_decode_matches_rotate_store_attend(splits, page_size, hq, hk
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_the_heads_fastest_grid_rotates_stores_and_attends_the_same(monkeypatch, splits):
-    """decode_attention.HEADS_FASTEST (a row's kv heads in adjacent programs) changes the launch
-    order only: the same output and cache writes as rotate -> store -> attend."""
-    monkeypatch.setattr(decode_module, "HEADS_FASTEST", True)
+def test_the_batch_fastest_grid_rotates_stores_and_attends_the_same(monkeypatch, splits):
+    """decode_attention.HEADS_FASTEST off (a row's kv heads a batch apart in launch order) changes
+    the launch order only: the same output and cache writes as rotate -> store -> attend."""
+    monkeypatch.setattr(decode_module, "HEADS_FASTEST", False)
     test_fused_rope_decode_matches_rotate_store_attend(splits, 16, 14, 2, 64, 64)
     test_fused_rope_decode_matches_rotate_store_attend(splits, 1, 4, 2, 128, 64)
 

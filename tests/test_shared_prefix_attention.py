@@ -135,9 +135,9 @@ def test_shared_prefix_with_rotary_and_kv_store_matches_the_decode_kernel() -> N
     torch.testing.assert_close(v_cache, v_ref, equal_nan=True, rtol=0, atol=0)
 
 
-def test_own_keys_pass_with_the_heads_fastest_grid(monkeypatch) -> None:
-    """The split kernel's other grid order (decode_attention.HEADS_FASTEST) in cascade's own-keys pass."""
-    monkeypatch.setattr(decode_module, "HEADS_FASTEST", True)
+def test_own_keys_pass_with_the_batch_fastest_grid(monkeypatch) -> None:
+    """The split kernel's other grid order (decode_attention.HEADS_FASTEST off) in cascade's own-keys pass."""
+    monkeypatch.setattr(decode_module, "HEADS_FASTEST", False)
     test_shared_prefix_matches_attention_over_whole_sequences(16, 7, 2, 64)
 
 

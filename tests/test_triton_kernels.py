@@ -148,8 +148,8 @@ def test_decode_attention_any_number_of_splits() -> None:
     assert run_decode(11, [130, 17, 64, 65], 2, 4, 64, 16, [1, 2, 5, 64, None]) < 1e-5
 
 
-def test_decode_attention_with_the_heads_fastest_grid(monkeypatch) -> None:
-    monkeypatch.setattr(decode_module, "HEADS_FASTEST", True)
+def test_decode_attention_with_the_batch_fastest_grid(monkeypatch) -> None:
+    monkeypatch.setattr(decode_module, "HEADS_FASTEST", False)
     assert run_decode(11, [130, 17, 64, 65], 2, 4, 64, 16, [1, 2, 5]) < 1e-5
     assert run_decode(12, [97, 1, 40], 1, 7, 128, 1, [3]) < 1e-5  # one kv head
 
