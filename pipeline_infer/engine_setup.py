@@ -12,8 +12,9 @@ import os
 import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -323,6 +324,33 @@ def shorten_gil_switch_interval(device: torch.device) -> bool:
 def restore_gil_switch_interval() -> None:
     """One holder of shorten_gil_switch_interval is done; the last restores what it found."""
     _GIL_SWITCH.release()
+
+
+def _set_collector(enabled: bool) -> None:
+    gc.enable() if enabled else gc.disable()
+
+
+# The cyclic GC, paused while a generate call turns its prompts into requests.
+_GC_PAUSE = _SharedSetting(gc.isenabled, _set_collector, lambda: False, lambda enabled: enabled)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block (thread-safe; nests).
+
+    Making a batch's requests allocates a few containers per prompt, two of them lists of the
+    prompt's ids, and the young-generation collections that allocation triggers walk every id
+    of every list still young: for 1,024 prompts of ~1,100 ids, 11 collections and 15-30 ms
+    of a 60-95 ms _make_requests on a 2-core CPU, all before the first step can start. Nothing
+    made there is garbage, and reference counting frees what a failed call leaves. A collector
+    that was already off (the user's choice) stays off; the last holder to let go turns it
+    back on only if it is still off.
+    """
+    _GC_PAUSE.acquire()
+    try:
+        yield
+    finally:
+        _GC_PAUSE.release()
 
 
 def _quiet_dependencies() -> None:
