@@ -185,6 +185,26 @@ def measure_device() -> dict:
     return {"name": torch.cuda.get_device_name(), "copy_Bps": copy, "matmul_flops": mm}
 
 
+def measure_host(repeats: int = 7) -> dict:
+    """How fast this host runs Python, in microseconds (medians): a list comprehension over
+    1,024 ints and a sort of 1,024 floats. The scheduler, the batch building and the front end
+    are Python; the GPU machines' hosts have run these 2-3x slower than the 2-core CPU the
+    host work is tuned on, and host-bound steps move with them, so every result records it
+    next to the device's rates (compare runs of different sessions by it)."""
+    import random
+    import timeit
+
+    rng = random.Random(0)
+    ints = list(range(1024))
+    floats = [rng.random() for _ in range(1024)]
+
+    def per_call_us(stmt: str, number: int = 200) -> float:
+        times = timeit.repeat(stmt, globals={"ints": ints, "floats": floats}, number=number, repeat=repeats)
+        return round(statistics.median(times) / number * 1e6, 2)
+
+    return {"listcomp_us": per_call_us("[i + 1 for i in ints]"), "sort_us": per_call_us("sorted(floats)")}
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -263,6 +283,8 @@ def main():
     else:  # a CPU run (a check of the harness on a small config): no device rates, no floor
         device = {"name": "cpu", "copy_Bps": None, "matmul_flops": None}
         print("no CUDA device: running on the CPU, without the floor")
+    host = measure_host()
+    print(f"host Python: 1,024-int list comprehension {host['listcomp_us']:.1f} us, sort of 1,024 floats {host['sort_us']:.1f} us")
     opts = dict(page_size=args.page_size, disable_cuda_graph=args.disable_cuda_graph,
                 disable_radix_cache=args.disable_radix_cache, enable_mixed_chunk=not args.no_mixed_chunk)
     if args.backend:
@@ -296,7 +318,8 @@ def main():
         r = {"model": os.path.basename(os.path.normpath(args.model)), "workload": workload, "config": config,
              "num_prompts": len(reqs), "device": device["name"], "date": time.strftime("%Y-%m-%d"),
              "copy_TBps": round(device["copy_Bps"] / 1e12, 3) if device["copy_Bps"] else None,
-             "matmul_TFLOPs": round(device["matmul_flops"] / 1e12, 1) if device["matmul_flops"] else None}
+             "matmul_TFLOPs": round(device["matmul_flops"] / 1e12, 1) if device["matmul_flops"] else None,
+             "host_python": host}
         breakdowns = [] if args.breakdown else None
         info: dict = {}
         walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, engine_info=info, **opts)
