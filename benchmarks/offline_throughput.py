@@ -324,6 +324,7 @@ def main():
         info: dict = {}
         walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, engine_info=info, **opts)
         r["max_running_requests"] = info["max_running_requests"]
+        r["chunked_prefill_size"] = info["chunked_prefill_size"]
         r["ours"] = summary(walls, reqs)
         if breakdowns:  # the repeat whose wall time is the median one reported
             r["breakdown"] = breakdowns[walls.index(sorted(walls)[(len(walls) - 1) // 2])]

@@ -35,7 +35,9 @@ class EngineConfig:
     max_total_tokens: int | None = None  # KV capacity in tokens; default from memory
     mem_fraction_static: float = 0.85  # CUDA: fraction of free memory for weights + KV
     max_running_requests: int | None = None
-    chunked_prefill_size: int = 8192  # prefill tokens per step across requests
+    # Prefill tokens per step across requests. None: 16384 on a GPU of >= 70 GiB, 8192 on a
+    # smaller one and on the CPU (engine_setup.default_chunked_prefill_size).
+    chunked_prefill_size: int | None = None
     # True: prefill chunks share steps with the running decodes. False (SGLang's default): a
     # step is prefill-only or decode-only, so every decode step can replay a CUDA graph.
     enable_mixed_chunk: bool = True
@@ -116,9 +118,11 @@ class EngineConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         _check_int("page_size", self.page_size, low=1)
-        _check_int("chunked_prefill_size", self.chunked_prefill_size, low=1)
         _check_int("stream_interval", self.stream_interval, low=1)
-        for name in ("max_total_tokens", "max_running_requests", "context_length", "admission_batch", "cuda_graph_max_bs"):
+        for name in (
+            "chunked_prefill_size", "max_total_tokens", "max_running_requests", "context_length",
+            "admission_batch", "cuda_graph_max_bs",
+        ):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, low=1)

@@ -124,6 +124,7 @@ class Engine:
             "context_length": self.context_length,
             "max_total_tokens": self._runner.capacity_tokens,
             "max_running_requests": self._scheduler.max_running_requests,
+            "chunked_prefill_size": self._scheduler.chunked_prefill_size,
             "version": _version(),
             **self._core.call(stats),
         }
@@ -222,14 +223,6 @@ class Engine:
         self, prompt, sampling_params, input_ids, rid, outputs: OutputArgs | None = None, stream: bool = True
     ) -> tuple[list[Request], bool]:
         """stream=False: the caller reads only the final text, so it is decoded once at the end."""
-        from pipeline_infer.engine_setup import collector_paused
-
-        with collector_paused():
-            return self._make_requests_now(prompt, sampling_params, input_ids, rid, outputs, stream)
-
-    def _make_requests_now(
-        self, prompt, sampling_params, input_ids, rid, outputs: OutputArgs | None, stream: bool
-    ) -> tuple[list[Request], bool]:
         from pipeline_infer.engine_inputs import normalize_inputs
 
         prompts_ids, params, single = normalize_inputs(self, prompt, sampling_params, input_ids)

@@ -12,9 +12,8 @@ import os
 import sys
 import threading
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -67,6 +66,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     context = cfg.context_length or model_context
 
     max_running = cfg.max_running_requests or default_max_running_requests(device)
+    chunk = cfg.chunked_prefill_size or default_chunked_prefill_size(device)
     backend = cfg.attention_backend or _default_backend(device, hf_config, cfg.page_size, dtype)
     # Triton's interpreter (TRITON_INTERPRET=1) runs its kernels on the CPU: slow, for tests.
     triton_on_cpu = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -84,7 +84,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         eos_token_ids=eos,
         max_context=context,
         cuda_graph_max_bs=decode_graph_max_bs(cfg, max_running),
-        chunked_prefill_size=cfg.chunked_prefill_size,
+        chunked_prefill_size=chunk,
         max_running_requests=max_running,
         extend_cuda_graph=not (cfg.disable_extend_cuda_graph or cfg.disable_cuda_graph),
         shared_prefix_attention=cfg.enable_cascade_attn and not cfg.disable_radix_cache,
@@ -99,7 +99,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         runner.kv_pool.allocator,
         page_size=cfg.page_size,
         max_running_requests=max_running,
-        chunked_prefill_size=cfg.chunked_prefill_size,
+        chunked_prefill_size=chunk,
         schedule_policy=cfg.schedule_policy,
         conservativeness=cfg.schedule_conservativeness,
         prefix_cache=prefix_cache,
@@ -179,6 +179,21 @@ def default_max_running_requests(device: torch.device, total_memory: int | None 
     if total_memory is None:
         total_memory = torch.cuda.get_device_properties(device).total_memory
     return 1024 if total_memory >= _LARGE_GPU_BYTES else 256
+
+
+def default_chunked_prefill_size(device: torch.device, total_memory: int | None = None) -> int:
+    """Prefill tokens per step when the user does not say: 16384 on a GPU of >= 70 GiB, 8192 on a
+    smaller one and on the CPU. Fewer, larger prefill (mixed) steps run the prefill's matmuls at
+    more rows each and pay a step's fixed costs (host scheduling, launches) half as often. On an
+    H200 (Qwen2.5-0.5B, tenth session, docs/benchmarks.md) random took 2.90 and 2.89 s against
+    3.03 and 3.10 s at 8192 in two calls (its mixed steps' device time 1.11 -> 0.99 s), and
+    shared-prefix's 14 admission steps became 7 (device 0.24 -> 0.19-0.20 s). The activation
+    peak the KV pool sets aside is measured at this size, so the pool shrinks to fit it."""
+    if device.type != "cuda":
+        return 8192
+    if total_memory is None:
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+    return 16384 if total_memory >= _LARGE_GPU_BYTES else 8192
 
 
 def decode_graph_max_bs(cfg: EngineConfig, max_running: int) -> int:
@@ -324,33 +339,6 @@ def shorten_gil_switch_interval(device: torch.device) -> bool:
 def restore_gil_switch_interval() -> None:
     """One holder of shorten_gil_switch_interval is done; the last restores what it found."""
     _GIL_SWITCH.release()
-
-
-def _set_collector(enabled: bool) -> None:
-    gc.enable() if enabled else gc.disable()
-
-
-# The cyclic GC, paused while a generate call turns its prompts into requests.
-_GC_PAUSE = _SharedSetting(gc.isenabled, _set_collector, lambda: False, lambda enabled: enabled)
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector for the block (thread-safe; nests).
-
-    Making a batch's requests allocates a few containers per prompt, two of them lists of the
-    prompt's ids, and the young-generation collections that allocation triggers walk every id
-    of every list still young: for 1,024 prompts of ~1,100 ids, 11 collections and 15-30 ms
-    of a 60-95 ms _make_requests on a 2-core CPU, all before the first step can start. Nothing
-    made there is garbage, and reference counting frees what a failed call leaves. A collector
-    that was already off (the user's choice) stays off; the last holder to let go turns it
-    back on only if it is still off.
-    """
-    _GC_PAUSE.acquire()
-    try:
-        yield
-    finally:
-        _GC_PAUSE.release()
 
 
 def _quiet_dependencies() -> None:

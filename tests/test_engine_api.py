@@ -168,11 +168,11 @@ BAD_INPUTS = [
     ({"input_ids": [[1, 2], [3, 2.5]]}, TypeError, r"input_ids\[1\] holds 2.5 \(float\)"),
     ({"input_ids": [[1, 2], [3, True]]}, TypeError, r"holds True \(bool\)"),
     ({"input_ids": [[1, 2], [3, 10**9, 4]]}, ValueError, r"token id 1000000000 \(prompt 1\)"),
-    # From 64 ids on the range check runs in numpy (engine_inputs._ids_in_range): the same errors.
-    ({"input_ids": [[5] * 70, [7] * 69 + [10**9]]}, ValueError, r"token id 1000000000 \(prompt 1\)"),
-    ({"input_ids": [[5] * 70, [-3] + [7] * 69]}, ValueError, r"token id -3 \(prompt 1\)"),
-    ({"input_ids": [7] * 100 + [2**70]}, ValueError, r"token id 1180591620717411303424 is outside"),
-    ({"input_ids": [7] * 100 + [49152]}, ValueError, r"token id 49152 is outside the vocabulary \[0, 49152\)"),
+    # From 256 ids on the range check runs in numpy (engine_inputs._ids_in_range): the same errors.
+    ({"input_ids": [[5] * 300, [7] * 299 + [10**9]]}, ValueError, r"token id 1000000000 \(prompt 1\)"),
+    ({"input_ids": [[5] * 300, [-3] + [7] * 299]}, ValueError, r"token id -3 \(prompt 1\)"),
+    ({"input_ids": [7] * 300 + [2**70]}, ValueError, r"token id 1180591620717411303424 is outside"),
+    ({"input_ids": [7] * 300 + [49152]}, ValueError, r"token id 49152 is outside the vocabulary \[0, 49152\)"),
     ({"input_ids": []}, ValueError, "empty"),
     ({"prompt": ["a", "b"], "sampling_params": [{}, {}, {}]}, ValueError, "sampling_params"),
 ]
@@ -183,46 +183,6 @@ def test_bad_inputs_raise_and_engine_keeps_serving(bundled_engine, kwargs, exc, 
     with pytest.raises(exc, match=word):
         bundled_engine.generate(**kwargs)
     assert bundled_engine.generate("Hi", {"max_new_tokens": 2, "temperature": 0})["meta_info"]["completion_tokens"] > 0
-
-
-def test_the_collector_is_paused_while_a_call_makes_its_requests(bundled_engine, monkeypatch):
-    """engine_setup.collector_paused around _make_requests: off inside (also when the input is
-    bad), back on after; a collector the user turned off stays off."""
-    import gc
-
-    from pipeline_infer import engine_inputs
-
-    seen = []
-    real = engine_inputs.normalize_inputs
-
-    def spy(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_inputs, "normalize_inputs", spy)
-    assert gc.isenabled()
-    bundled_engine.generate(input_ids=[[5, 6, 7]], sampling_params={"max_new_tokens": 1})
-    with pytest.raises(ValueError, match="vocabulary"):
-        bundled_engine.generate(input_ids=[[5, -1]])
-    assert seen == [False, False] and gc.isenabled()
-    gc.disable()
-    try:
-        bundled_engine.generate(input_ids=[[5, 6, 7]], sampling_params={"max_new_tokens": 1})
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-
-def test_collector_pauses_nest():
-    import gc
-
-    from pipeline_infer.engine_setup import collector_paused
-
-    with collector_paused():
-        with collector_paused():
-            assert not gc.isenabled()
-        assert not gc.isenabled()  # the outer holder still holds it
-    assert gc.isenabled()
 
 
 def test_prompt_longer_than_context_is_refused_and_output_capped():
@@ -270,6 +230,23 @@ def test_default_running_requests_follow_the_devices_memory():
     assert default_max_running_requests(torch.device("cuda"), total_memory=24 * gib) == 256
     with Engine(context_length=64) as llm:  # the bundled model on the CPU
         assert llm.get_server_info()["max_running_requests"] == 64
+
+
+def test_default_prefill_chunk_follows_the_devices_memory():
+    from pipeline_infer.engine_setup import default_chunked_prefill_size
+
+    gib = 2**30
+    assert default_chunked_prefill_size(torch.device("cpu")) == 8192
+    assert default_chunked_prefill_size(torch.device("cuda"), total_memory=140 * gib) == 16384  # H200
+    assert default_chunked_prefill_size(torch.device("cuda"), total_memory=80 * gib) == 16384  # H100
+    assert default_chunked_prefill_size(torch.device("cuda"), total_memory=24 * gib) == 8192
+    with Engine(context_length=64) as llm:
+        assert llm.get_server_info()["chunked_prefill_size"] == 8192
+    with Engine(context_length=64, chunked_prefill_size=40) as llm:  # the user's choice stands
+        assert llm.get_server_info()["chunked_prefill_size"] == 40
+        assert llm.generate("Hello there, how are you", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+    with pytest.raises(ValueError, match="chunked_prefill_size"):
+        Engine(context_length=64, chunked_prefill_size=0)
 
 
 def test_abandoned_stream_aborts_and_frees_pages():
