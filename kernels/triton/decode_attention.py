@@ -38,9 +38,9 @@ MAX_KV_SPLITS = 64
 # Grid order of the split kernel. False: (batch, kv heads, splits), a row's kv heads a batch
 # apart in launch order. True: (kv heads, batch, splits), a row's kv heads in adjacent programs,
 # which then read the same pages (a token's heads share 256 bytes at head_dim 64) at about the
-# same time. On: H200, 2026-11-30 (tenth session), the kernel alone took 1-2% less at 256-1,024
-# rows (e.g. 512 rows x 1,100 tokens 72.9 -> 71.7 us) and decode-heavy 2.64 -> 2.61 s in one call
-# (docs/benchmarks.md). Tests run both orders.
+# same time. On: H200, 2026-11-30 (tenth session), the kernel alone took 1-2% less at 512-1,024
+# rows (512 rows x 1,100 tokens: 73.7 -> 72.1 us at the default setting) and decode-heavy
+# 2.64 -> 2.61 s in one call (docs/benchmarks.md). Tests run both orders.
 HEADS_FASTEST = True
 # A split shorter than this spends more on its merge than it saves in parallelism.
 MIN_TOKENS_PER_SPLIT = 256
