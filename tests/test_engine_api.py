@@ -220,29 +220,26 @@ def test_decode_graphs_cover_every_batch_the_scheduler_can_form_by_default():
     assert decode_graph_max_bs(EngineConfig(disable_cuda_graph=True), 512) == 0
 
 
-def test_default_running_requests_follow_the_devices_memory():
-    from pipeline_infer.engine_setup import default_max_running_requests
+@pytest.mark.parametrize("name,cpu,small_gpu,large_gpu", [
+    ("default_max_running_requests", 64, 256, 1024),
+    ("default_chunked_prefill_size", 8192, 8192, 16384),
+])
+def test_defaults_follow_the_devices_memory(name, cpu, small_gpu, large_gpu):
+    from pipeline_infer import engine_setup
 
+    default = getattr(engine_setup, name)
     gib = 2**30
-    assert default_max_running_requests(torch.device("cpu")) == 64
-    assert default_max_running_requests(torch.device("cuda"), total_memory=140 * gib) == 1024  # H200
-    assert default_max_running_requests(torch.device("cuda"), total_memory=80 * gib) == 1024  # H100
-    assert default_max_running_requests(torch.device("cuda"), total_memory=24 * gib) == 256
+    assert default(torch.device("cpu")) == cpu
+    assert default(torch.device("cuda"), total_memory=140 * gib) == large_gpu  # H200
+    assert default(torch.device("cuda"), total_memory=80 * gib) == large_gpu  # H100
+    assert default(torch.device("cuda"), total_memory=24 * gib) == small_gpu
+
+
+def test_server_info_reports_the_resolved_defaults_and_the_users_choice():
     with Engine(context_length=64) as llm:  # the bundled model on the CPU
-        assert llm.get_server_info()["max_running_requests"] == 64
-
-
-def test_default_prefill_chunk_follows_the_devices_memory():
-    from pipeline_infer.engine_setup import default_chunked_prefill_size
-
-    gib = 2**30
-    assert default_chunked_prefill_size(torch.device("cpu")) == 8192
-    assert default_chunked_prefill_size(torch.device("cuda"), total_memory=140 * gib) == 16384  # H200
-    assert default_chunked_prefill_size(torch.device("cuda"), total_memory=80 * gib) == 16384  # H100
-    assert default_chunked_prefill_size(torch.device("cuda"), total_memory=24 * gib) == 8192
-    with Engine(context_length=64) as llm:
-        assert llm.get_server_info()["chunked_prefill_size"] == 8192
-    with Engine(context_length=64, chunked_prefill_size=40) as llm:  # the user's choice stands
+        info = llm.get_server_info()
+        assert (info["max_running_requests"], info["chunked_prefill_size"]) == (64, 8192)
+    with Engine(context_length=64, chunked_prefill_size=40) as llm:
         assert llm.get_server_info()["chunked_prefill_size"] == 40
         assert llm.generate("Hello there, how are you", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
     with pytest.raises(ValueError, match="chunked_prefill_size"):
