@@ -179,8 +179,11 @@ class ScheduledBatch:
 class _TrieNode:
     __slots__ = ("key", "children", "count")
 
-    def __init__(self, key: tuple[int, ...], count: int):
-        self.key = key  # the edge's tokens (empty for the root)
+    def __init__(self, key: list[int], count: int):
+        # The edge's tokens (empty for the root). A list, not a tuple: an edge is compared with
+        # a slice of a request's token list, and list == list needs no tuple built from that
+        # slice (1,024 tokens: 1.1 against 3.3 us on a 2-core CPU).
+        self.key = key
         self.children: dict[int, _TrieNode] = {}  # by the first token of their edge
         self.count = count  # sequences whose path runs through this node
 
@@ -190,11 +193,11 @@ class _InFlight:
 
     Kept up to date as requests are admitted and finish their prefill (not rebuilt per step):
     `add`/`remove` and `shared` cost one dict lookup and one slice comparison per edge.
-    `shared(ids)` is the longest prefix of ids that some in-flight prefill covers, in tokens.
+    `shared(ids, n)` is the longest prefix of ids[:n] that some in-flight prefill covers, in tokens.
     """
 
     def __init__(self):
-        self.root = _TrieNode((), 0)
+        self.root = _TrieNode([], 0)
         self.members: dict[int, tuple[Request, int]] = {}  # id(req) -> (req, tokens added)
 
     def __contains__(self, req: Request) -> bool:
@@ -208,7 +211,7 @@ class _InFlight:
         while i < n:
             child = node.children.get(ids[i])
             if child is None:
-                node.children[ids[i]] = _TrieNode(tuple(ids[i:n]), 1)
+                node.children[ids[i]] = _TrieNode(ids[i:n], 1)
                 return
             m = _common(child.key, ids, i, n)
             if m < len(child.key):  # split: `upper` takes the common part
@@ -235,8 +238,10 @@ class _InFlight:
                 return
             node, i = child, i + len(child.key)
 
-    def shared(self, ids: list[int]) -> int:
-        node, i, n = self.root, 0, len(ids)
+    def shared(self, ids: list[int], n: int | None = None) -> int:
+        """n: only ids[:n] (no slice of a request's tokens needed to ask about its prefix)."""
+        node, i = self.root, 0
+        n = len(ids) if n is None else min(n, len(ids))
         while i < n:
             child = node.children.get(ids[i])
             if child is None:
@@ -249,17 +254,17 @@ class _InFlight:
         return i
 
 
-def _common(key: tuple[int, ...], ids: list[int], i: int, n: int) -> int:
+def _common(key: list[int], ids: list[int], i: int, n: int) -> int:
     """Length of the common prefix of key and ids[i:n] (key[0] == ids[i] is known)."""
     span = min(len(key), n - i)
     # The whole span in one comparison, unless its last tokens already differ (the usual miss:
     # two prompts sharing a long prefix, then not): that comparison would be wasted.
-    if key[span - 1] == ids[i + span - 1] and key[:span] == tuple(ids[i : i + span]):
+    if key[span - 1] == ids[i + span - 1] and (key if span == len(key) else key[:span]) == ids[i : i + span]:
         return span
     lo, hi = 1, span - 1  # key[:lo] matches; key[:hi + 1] does not
     while lo < hi:  # binary search with C-speed slice comparisons
         mid = (lo + hi + 1) // 2
-        if key[lo:mid] == tuple(ids[i + lo : i + mid]):
+        if key[lo:mid] == ids[i + lo : i + mid]:
             lo = mid
         else:
             hi = mid - 1
@@ -910,7 +915,7 @@ class Scheduler:
         if self._inflight is None or not self._inflight.members or req.num_retractions:
             return False  # a resumed request goes first; at worst a few pages are computed twice
         ps = self.page_size
-        shared = self._inflight.shared(req.token_ids[: req.max_prefix_len]) // ps * ps
+        shared = self._inflight.shared(req.token_ids, req.max_prefix_len) // ps * ps
         if shared == 0:
             return False
         in_flight = shared - self._cached_len(req, cached)

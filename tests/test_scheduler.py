@@ -689,6 +689,8 @@ def test_inflight_trie_against_brute_force():
             live.append(r)
         probe = rng.choice(bases)[: rng.randint(0, 30)] + [rng.randrange(4) for _ in range(rng.randint(0, 4))]
         assert index.shared(probe) == brute(probe)
+        cut = rng.randint(0, len(probe) + 2)
+        assert index.shared(probe, cut) == brute(probe[:cut])
         assert index.root.count == len(live) == len(index.members)
     for r in live:
         index.remove(r)
