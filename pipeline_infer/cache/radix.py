@@ -212,7 +212,9 @@ class RadixCache:
             m = self._common_pages(child, token_ids, i, n)
             if m < len(child.pages):
                 child = self._split(child, m)
-            duplicates.extend(p for p, q in zip(pages[i : i + m], child.pages) if p != q)
+            mine = pages[i : i + m]
+            if tuple(mine) != child.pages:  # usually equal: the caller computed past a match of these pages
+                duplicates.extend(p for p, q in zip(mine, child.pages) if p != q)
             path.extend(child.pages)
             self._touch(child)
             node, i = child, i + m
