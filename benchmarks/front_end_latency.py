@@ -1,7 +1,7 @@
 """How long generate() takes before the engine's first step, on the CPU with a stub model.
 
-The shared-prefix workload's shape (32 groups x 32 prompts, 1,024-id prefixes, 32-128-id
-suffixes, shuffled) or the random one's (1,000 prompts of 128-1,024 ids), submitted in one
+The shared-prefix or random workload of benchmarks/workloads.json (the throughput harness's
+make_workload; 1,024 prompts of ~1,100 ids, or 1,000 of 128-1,024 ids), submitted in one
 generate() call to an engine whose model returns zeros (HostOnlyModel), so what is timed is
 host work: _make_requests (validation, requests), the wait until the engine thread's first
 schedule(), that schedule, and the first step's build and launch. Medians of --repeats calls.
@@ -19,30 +19,14 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend's host path, on the CPU
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from engine_host_profile import TINY_QWEN2, HostOnlyModel  # noqa: E402
+from offline_throughput import make_workload  # noqa: E402
 
 VOCAB = 4000
-
-
-def prompts(workload: str) -> list[tuple[list[int], int]]:
-    rng = np.random.default_rng(1)
-    reqs = []
-    if workload == "shared-prefix":
-        for _ in range(32):
-            prefix = rng.integers(10, VOCAB - 10, 1024).tolist()
-            for _ in range(32):
-                suffix = rng.integers(10, VOCAB - 10, int(rng.integers(32, 129))).tolist()
-                reqs.append((prefix + suffix, int(rng.integers(128, 257))))
-        return [reqs[i] for i in rng.permutation(len(reqs))]
-    for _ in range(1000):
-        reqs.append((rng.integers(10, VOCAB - 10, int(rng.integers(128, 1025))).tolist(), int(rng.integers(64, 513))))
-    return reqs
 
 
 def main() -> None:
@@ -77,7 +61,7 @@ def main() -> None:
     timed(ModelRunner, "launch")
     directory = tempfile.mkdtemp()
     json.dump(dict(TINY_QWEN2, vocab_size=VOCAB), open(os.path.join(directory, "config.json"), "w"))
-    reqs = prompts(args.workload)
+    reqs = make_workload(args.workload, VOCAB, None)  # the workloads file's shape, ids in [1000, VOCAB - 1000)
     ids = [p for p, _ in reqs]
     params = [{"temperature": 0, "max_new_tokens": o, "ignore_eos": True} for _, o in reqs]
     rows = []

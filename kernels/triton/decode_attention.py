@@ -66,7 +66,7 @@ def _decode_split_kernel(
     # shared prefix that shared_prefix_attention attends to once for the rows sharing it).
     HAS_START: tl.constexpr,
     # HEADS_FASTEST: the grid is (kv heads, batch, splits), so a row's kv heads run in adjacent
-    # programs (module constant HEADS_FASTEST below).
+    # programs (launch_decode_split passes the module constant HEADS_FASTEST above).
     HEADS_FASTEST: tl.constexpr = False,
 ):
     if HEADS_FASTEST:
