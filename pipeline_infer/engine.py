@@ -393,11 +393,25 @@ class _SyncCollector(_CollectorBase):
             yield snap
 
     def wait(self, single: bool) -> dict | list[dict]:
-        self._route_outputs(self.q.put, finished_only=True)
+        # The results are read from the requests once all have finished, so the engine thread
+        # only counts finishes and wakes this thread once, at the last: a wake-up per finished
+        # request would take the GIL from the engine thread as often, mid-step.
+        all_done = threading.Event()
+        remaining = [len(self.reqs)]
+
+        def finished(i: int) -> None:  # on the engine thread
+            if not self.done[i]:
+                self.done[i] = True
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    all_done.set()
+
+        for i, req in enumerate(self.reqs):
+            req.output_every_step = False
+            req.on_output = lambda r, fin, i=i: fin and finished(i)
         self.engine._core.submit(self.reqs)
         try:
-            for _ in self._events():
-                pass
+            all_done.wait()
         finally:
             self.abort_unfinished()
         return self.shape([self.final(i) for i in range(len(self.reqs))], single)
