@@ -6,10 +6,12 @@ entry (kernels/triton/shared_prefix_attention.py) instead of once per row. This 
 the groups on the host, from the requests' page lists, and lays out the kernel's int32 inputs.
 
 Cost: a step of the same requests as the last reuses the last answer (the caller says so: the
-model runner's device page table already compares the batches). Otherwise grouping is
-one pass over the rows keyed by their first page, and each row's common length with its
-group's first row is remembered on the row (until either's pages change), so a row is compared
-page by page once, not every step.
+model runner's device page table already compares the batches). A step of the last step's
+requests less some that finished (the usual step once requests start to finish: the batch
+shrinks every step) keeps the last groups less those rows. Otherwise grouping is one pass over
+the rows keyed by their first page, and each row's common length with its group's first row is
+remembered on the row (until either's pages change), so a row is compared page by page once,
+not every step.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def common_prefix_len(a: list[int], b: list[int], guess: int = 0) -> int:
     return lo
 
 
+_REBUILD = object()  # _narrowed's answer when the plan must be built afresh
+
+
 class SharedPrefixFinder:
     def __init__(self, page_size: int, rows_per_item: int, max_groups: int, min_saving: float = 0.125):
         """rows_per_item: rows one kernel entry serves; max_groups bounds the work list (graph
@@ -63,10 +68,18 @@ class SharedPrefixFinder:
         self.min_saving = min_saving
         self._last_plan: SharedPrefixPlan | None = None
         self._stale = True  # _last_plan is not for the batch the caller last compared against
+        # What the last built plan grouped, for a later batch of the same requests less some:
+        # pages_version per request (by id), and each group's requests and prefix length;
+        # None when that plan cannot be narrowed so (max_groups cut groups, or no plan).
+        self._built_reqs: list = []
+        self._versions: dict[int, int] = {}
+        self._groups: list[tuple[list, int]] | None = None
+        self.shrunk_plans = 0  # plans derived from the last one by dropping rows (for tests)
 
     def reset(self) -> None:
         """Forget the last plan: a step the finder did not plan ran since (or the engine is idle)."""
         self._last_plan, self._stale = None, True
+        self._built_reqs, self._versions, self._groups = [], {}, None
 
     def max_items(self, max_rows: int) -> int:
         """Work entries a plan over at most max_rows rows can have."""
@@ -82,9 +95,34 @@ class SharedPrefixFinder:
         table tells); when the last step was this finder's too (no reset() between), its plan
         still holds: every prefix is still shared and shorter than its rows."""
         if self._stale or not same_batch:
-            self._last_plan = self._build(reqs, seq_lens() if callable(seq_lens) else seq_lens)
+            lens = seq_lens() if callable(seq_lens) else seq_lens
+            plan = self._narrowed(reqs, lens)
+            self._last_plan = plan if plan is not _REBUILD else self._build(reqs, lens)
             self._stale = False
         return self._last_plan
+
+    def _narrowed(self, reqs: list, seq_lens: list[int]):
+        """The last plan less the rows that left, when reqs are some of the last built plan's
+        requests (none new, no page list replaced); _REBUILD otherwise. Each group keeps its
+        prefix length: a prefix shared by all its rows is shared by fewer, and their sequences
+        only grew. Requests the last plan left ungrouped stay so (a group loses rows, never
+        gains them)."""
+        groups, versions = self._groups, self._versions
+        if groups is None or len(reqs) >= len(versions):
+            return _REBUILD
+        index: dict[int, int] = {}
+        for b, r in enumerate(reqs):
+            if versions.get(id(r)) != r.pages_version:
+                return _REBUILD  # new in the batch, or its pages were replaced
+            index[id(r)] = b
+        kept = []  # (saved keys, rows, prefix)
+        for members, prefix in groups:
+            rows = [index[i] for i in map(id, members) if i in index]
+            reads = -(-len(rows) // self.rows_per_item)
+            if len(rows) > reads:
+                kept.append(((len(rows) - reads) * prefix, rows, prefix))
+        self.shrunk_plans += 1
+        return self._layout(len(reqs), kept, seq_lens)
 
     def _build(self, reqs: list, seq_lens: list[int]) -> SharedPrefixPlan | None:
         by_first: dict[int, list[int]] = {}
@@ -92,6 +130,7 @@ class SharedPrefixFinder:
             if r.pages:
                 by_first.setdefault(r.pages[0], []).append(b)
         if len(by_first) == len(reqs):
+            self._versions, self._groups = {}, None
             return None  # no two rows share a first page (most batches without common prompts)
         ps = self.page_size
         groups = []  # (saved keys, rows, prefix length)
@@ -107,11 +146,24 @@ class SharedPrefixFinder:
             if prefix > 0 and len(rows) > reads:
                 groups.append(((len(rows) - reads) * prefix, rows, prefix))
         groups.sort(key=lambda g: -g[0])
+        cut = len(groups) > self.max_groups
         groups = groups[: self.max_groups]
+        plan = self._layout(len(reqs), groups, seq_lens)
+        if plan is not None and not cut:  # remembered for _narrowed
+            # (_built_reqs keeps the requests alive, so no other object can take one's id.)
+            self._built_reqs = list(reqs)
+            self._versions = {id(r): r.pages_version for r in reqs}
+            self._groups = [([reqs[b] for b in rows], prefix) for _, rows, prefix in groups]
+        else:
+            self._versions, self._groups = {}, None
+        return plan
+
+    def _layout(self, batch_size: int, groups: list, seq_lens: list[int]) -> SharedPrefixPlan | None:
+        """The plan of groups [(saved keys, rows, prefix)], or None when they save too little."""
         saved = sum(g[0] for g in groups)
         if not groups or saved < self.min_saving * sum(seq_lens):
             return None
-        kv_starts = [0] * len(reqs)
+        kv_starts = [0] * batch_size
         order: list[int] = []
         items: list[int] = []
         for _, rows, prefix in groups:

@@ -171,6 +171,63 @@ def test_finder_groups_rows_by_their_common_pages_and_skips_small_savings() -> N
     assert plan.rows == [0, 1, 2, 3] and plan.kv_starts == [6] * 4 + [0] * 4
 
 
+def test_finder_narrows_the_last_plan_when_rows_leave() -> None:
+    """A batch of the last plan's requests less some keeps its groups less those rows; a new
+    request or a replaced page list in the batch, or a cut by max_groups, builds afresh."""
+    g1 = [_fake_req([5, 6, 7, 10 + i], 3) for i in range(5)]
+    g2 = [_fake_req([8, 9, 20 + i], 2) for i in range(3)]
+    lone = _fake_req([30, 31], 1)
+    batch = [g1[0], g2[0], g1[1], lone, g1[2], g2[1], g1[3], g2[2], g1[4]]
+    finder = SharedPrefixFinder(page_size=2, rows_per_item=2, max_groups=4, min_saving=0.0)
+    finder.plan(batch, [8] * len(batch))
+    assert finder.shrunk_plans == 0
+
+    def fresh(reqs, lens):
+        return SharedPrefixFinder(2, 2, 4, 0.0).plan(reqs, lens)
+
+    # g1[1] and g2[0] and g2[2] finish: g2 keeps one row (no group), g1 four.
+    smaller = [g1[0], lone, g1[2], g2[1], g1[3], g1[4]]
+    lens = [9, 9, 9, 9, 9, 9]
+    plan = finder.plan(smaller, lens)
+    assert finder.shrunk_plans == 1
+    want = fresh(smaller, lens)
+    assert plan.kv_starts == want.kv_starts == [6, 0, 6, 0, 6, 6]
+    assert sorted(plan.rows) == sorted(want.rows) == [0, 2, 4, 5]
+    assert plan.saved_tokens == want.saved_tokens and plan.longest_prefix == want.longest_prefix
+    assert sorted(zip(*[iter(plan.items)] * 4)) == sorted(zip(*[iter(want.items)] * 4))
+    # Smaller again: narrowed from the built plan still.
+    plan = finder.plan([g1[0], g1[4]], [10, 10])
+    assert finder.shrunk_plans == 2 and plan.kv_starts == [6, 6] and plan.rows == [0, 1]
+    # A group left with one row saves nothing: no plan.
+    assert finder.plan([g1[0], lone], [10, 10]) is None and finder.shrunk_plans == 3
+    # A request the built plan did not have: built afresh.
+    newcomer = _fake_req([5, 6, 7, 40], 3)
+    plan = finder.plan([g1[0], g1[2], newcomer], [10, 10, 10])
+    assert finder.shrunk_plans == 3 and plan.kv_starts == [6, 6, 6]
+    # A member whose pages were replaced (retracted and admitted again): built afresh.
+    finder.plan(batch, [8] * len(batch))
+    g1[2].pages_version += 1
+    g1[2].pages = [50, 51, 52, 53]
+    plan = finder.plan([g1[0], g1[1], g1[2]], [10, 10, 10])
+    assert finder.shrunk_plans == 3 and plan.kv_starts == [6, 6, 0]
+    # When max_groups cut groups, a shrunk batch could favour one that was cut: built afresh.
+    capped = SharedPrefixFinder(2, 2, max_groups=1, min_saving=0.0)
+    capped.plan(batch, [8] * len(batch))
+    capped.plan(batch[:-1], [9] * (len(batch) - 1))
+    assert capped.shrunk_plans == 0
+
+
+def test_prefix_splits_fill_one_wave_of_two_programs_an_sm() -> None:
+    from pipeline_infer.kernels.triton.shared_prefix_attention import choose_prefix_splits
+
+    # 132 SMs: 264 program slots. 64 entries x 2 kv heads = 128 programs a split: 2 splits.
+    assert choose_prefix_splits(64, 2, 1024, 132) == 2
+    assert choose_prefix_splits(32, 2, 1024, 132) == 4  # 64 programs a split
+    assert choose_prefix_splits(16, 2, 1024, 132) == 4  # 8 would fit; 1,024 keys allow 4 of >= 256
+    assert choose_prefix_splits(200, 2, 4096, 132) == 1  # more programs than slots: never 0
+    assert choose_prefix_splits(1, 1, 100, 132) == 1  # a short prefix is not split
+
+
 def test_common_prefix_len() -> None:
     assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix_len([1, 2, 3], [1, 2, 3, 4]) == 3
