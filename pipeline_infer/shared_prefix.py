@@ -79,7 +79,7 @@ class SharedPrefixFinder:
     def reset(self) -> None:
         """Forget the last plan: a step the finder did not plan ran since (or the engine is idle)."""
         self._last_plan, self._stale = None, True
-        self._built_reqs, self._versions, self._groups = [], {}, None
+        self._forget_groups()
 
     def max_items(self, max_rows: int) -> int:
         """Work entries a plan over at most max_rows rows can have."""
@@ -130,7 +130,7 @@ class SharedPrefixFinder:
             if r.pages:
                 by_first.setdefault(r.pages[0], []).append(b)
         if len(by_first) == len(reqs):
-            self._versions, self._groups = {}, None
+            self._forget_groups()
             return None  # no two rows share a first page (most batches without common prompts)
         ps = self.page_size
         groups = []  # (saved keys, rows, prefix length)
@@ -155,8 +155,12 @@ class SharedPrefixFinder:
             self._versions = {id(r): r.pages_version for r in reqs}
             self._groups = [([reqs[b] for b in rows], prefix) for _, rows, prefix in groups]
         else:
-            self._versions, self._groups = {}, None
+            self._forget_groups()
         return plan
+
+    def _forget_groups(self) -> None:
+        """Nothing to narrow from (and no request kept alive for it)."""
+        self._built_reqs, self._versions, self._groups = [], {}, None
 
     def _layout(self, batch_size: int, groups: list, seq_lens: list[int]) -> SharedPrefixPlan | None:
         """The plan of groups [(saved keys, rows, prefix)], or None when they save too little."""
