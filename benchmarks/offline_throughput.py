@@ -63,9 +63,11 @@ def make_workload(name: str, vocab: int, num_prompts: int | None, path: str = WO
     return reqs[:num_prompts] if num_prompts else reqs
 
 
-def run_ours(model_dir, reqs, repeats, breakdowns=None, engine_info=None, **opts):
+def run_ours(model_dir, reqs, repeats, breakdowns=None, engine_info=None, host_checks=None, **opts):
     """Wall seconds of each repeat; with breakdowns (a list), each repeat's step timing is appended;
-    with engine_info (a dict), it receives the engine's get_server_info() (its resolved settings)."""
+    with engine_info (a dict), it receives the engine's get_server_info() (its resolved settings);
+    with host_checks (a list), measure_host() taken just before each repeat is appended (the
+    device machines' hosts have changed speed by 2x between one repeat and the next)."""
     from pipeline_infer import Engine
 
     ids = [p for p, _ in reqs]
@@ -79,6 +81,8 @@ def run_ours(model_dir, reqs, repeats, breakdowns=None, engine_info=None, **opts
         if breakdowns is not None:
             llm.step_timing_summary(reset=True)  # drop the warm-up's steps
         for _ in range(repeats):
+            if host_checks is not None:
+                host_checks.append(measure_host(repeats=3))
             t = time.perf_counter()
             outs = llm.generate(input_ids=ids, sampling_params=sps)
             walls.append(time.perf_counter() - t)
@@ -322,7 +326,9 @@ def main():
              "host_python": host}
         breakdowns = [] if args.breakdown else None
         info: dict = {}
-        walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, engine_info=info, **opts)
+        host_checks: list = []
+        walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, engine_info=info, host_checks=host_checks, **opts)
+        r["host_python_runs"] = host_checks  # before each repeat, in the order of ours["walls"]
         r["max_running_requests"] = info["max_running_requests"]
         r["chunked_prefill_size"] = info["chunked_prefill_size"]
         r["ours"] = summary(walls, reqs)
@@ -349,6 +355,8 @@ def main():
         if args.peer:
             line += f"  HF {r['peer_hf']['output_tok_s']:.0f} out tok/s on {len(peer_reqs)} -> {r['speedup_vs_hf']:.1f}x"
         print(line, flush=True)
+        print("  host Python before each repeat (list comprehension us): "
+              + ", ".join(f"{h['listcomp_us']:.1f} ({w:.2f} s)" for h, w in zip(host_checks, walls)))
         if "breakdown" in r:
             print_breakdown(r["breakdown"], r["ours"]["wall_s"])
         if args.json:  # after each workload, so a cut-off run keeps what it measured
