@@ -406,9 +406,7 @@ class _SyncCollector(_CollectorBase):
                 if remaining[0] == 0:
                     all_done.set()
 
-        for i, req in enumerate(self.reqs):
-            req.output_every_step = False
-            req.on_output = lambda r, fin, i=i: fin and finished(i)
+        self._route_outputs(lambda snap: finished(snap.index), finished_only=True)
         self.engine._core.submit(self.reqs)
         try:
             all_done.wait()

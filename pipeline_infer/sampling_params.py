@@ -52,10 +52,10 @@ class SamplingParams:
         if d is None:
             d = {}
         elif isinstance(d, SamplingParams):
-            d = {name: getattr(d, name) for name in _field_names()}
+            d = {name: getattr(d, name) for name in _FIELD_NAMES}
         elif not isinstance(d, dict):
             raise TypeError(f"sampling_params must be a dict or SamplingParams, got {type(d).__name__}")
-        names = _field_names()
+        names = _FIELD_NAMES
         for key in d:
             if key not in names:
                 near = difflib.get_close_matches(str(key), list(names), n=1)
@@ -215,12 +215,7 @@ def _token_key(key: Any) -> int:
     raise ValueError(f"logit_bias keys must be token ids (int or decimal string), got {key!r}")
 
 
-_FIELD_NAMES: dict[str, None] = {}
 
-
-def _field_names() -> dict[str, None]:
-    """SamplingParams' field names in order (a dict: ordered, and `in` is a hash lookup), kept:
-    dataclasses.fields() rebuilds its tuple on every call (from_dict 3.7 -> 2.5 us a request)."""
-    if not _FIELD_NAMES:
-        _FIELD_NAMES.update(dict.fromkeys(f.name for f in fields(SamplingParams)))
-    return _FIELD_NAMES
+# SamplingParams' field names in order (a dict: ordered, and `in` is a hash lookup), built once:
+# dataclasses.fields() rebuilds its tuple on every call (from_dict 3.7 -> 2.5 us a request).
+_FIELD_NAMES: dict[str, None] = dict.fromkeys(f.name for f in fields(SamplingParams))
