@@ -6,6 +6,7 @@ allowed, raised before anything reaches the engine thread, so the engine keeps s
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,15 +93,14 @@ def _id_lists(input_ids: Any) -> tuple[list[list[int]], bool]:
             raise TypeError(f"input_ids[{i}] must be a list of int, got {type(seq).__name__}")
         # One pass in C over the element types (a Python loop over a 1,000-prompt batch's ids
         # took ~0.2 s of each generate call); the per-element check only where it fails.
-        if not set(map(type, seq)) <= _PLAIN_INT:
+        # countOf compares each type with int by identity first: no set to build and hash into
+        # (1,024 prompts of 1,100 ids: 10.0 against 13.0 ms on a 2-core CPU).
+        if operator.countOf(map(type, seq), int) != len(seq):
             for t in seq:
                 if not _is_int(t):
                     raise TypeError(f"input_ids[{i}] holds {t!r} ({type(t).__name__}); token ids must be ints")
         out.append(list(seq))
     return out, False
-
-
-_PLAIN_INT = {int}
 
 
 def _is_int(x: Any) -> bool:

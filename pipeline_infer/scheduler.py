@@ -238,6 +238,23 @@ class _InFlight:
                 return
             node, i = child, i + len(child.key)
 
+    def covers(self, ids: list[int], n: int) -> bool:
+        """Whether some in-flight prefill covers all of ids[:n] (n <= len(ids)): `shared(ids, n) >= n`
+        without finding where a partial match ends. One slice comparison per edge, and none when
+        the edge's last compared token already differs (the usual miss), where `shared` binary-
+        searches the mismatch: `Scheduler._held` only needs to know whether a given length is covered."""
+        node, i = self.root, 0
+        while i < n:
+            child = node.children.get(ids[i])
+            if child is None:
+                return False
+            key = child.key
+            m = min(len(key), n - i)
+            if key[m - 1] != ids[i + m - 1] or (key if m == len(key) else key[:m]) != ids[i : i + m]:
+                return False
+            node, i = child, i + m
+        return True
+
     def shared(self, ids: list[int], n: int | None = None) -> int:
         """n: only ids[:n] (no slice of a request's tokens needed to ask about its prefix)."""
         node, i = self.root, 0
@@ -914,13 +931,19 @@ class Scheduler:
         """
         if self._inflight is None or not self._inflight.members or req.num_retractions:
             return False  # a resumed request goes first; at worst a few pages are computed twice
-        ps = self.page_size
-        shared = self._inflight.shared(req.token_ids, req.max_prefix_len) // ps * ps
-        if shared == 0:
+        ps, ids, limit = self.page_size, req.token_ids, req.max_prefix_len
+        # In page-floored tokens: shared = inflight.shared(ids, limit) // ps * ps, in_flight = shared
+        # - cached, own = limit // ps * ps - cached; held iff in_flight > 0 and in_flight >=
+        # min(_HOLD_MIN_TOKENS, own), i.e. iff shared >= target, the first page boundary at or past
+        # cached + max(1, min(_HOLD_MIN_TOKENS, own)): whether the in-flight trie covers
+        # ids[:target] (`_InFlight.covers`, cheaper than finding `shared` itself). As before, no
+        # probe of the prefix cache unless shared > 0 (the trie covers the first page).
+        if limit < ps or not self._inflight.covers(ids, ps):
             return False
-        in_flight = shared - self._cached_len(req, cached)
-        own = req.max_prefix_len // ps * ps - self._cached_len(req, cached)
-        return in_flight > 0 and in_flight >= min(_HOLD_MIN_TOKENS, own)
+        cached_len = self._cached_len(req, cached)
+        own = limit // ps * ps - cached_len
+        target = -(-(cached_len + max(1, min(_HOLD_MIN_TOKENS, own))) // ps) * ps
+        return target <= limit and self._inflight.covers(ids, target)
 
     def _match(self, req: Request) -> tuple[list[int], int, Any]:
         if self.prefix_cache is None:

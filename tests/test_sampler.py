@@ -168,6 +168,27 @@ def test_wrong_keys_and_types_are_type_errors(bad, word):
         SamplingParams.from_dict(bad)
 
 
+def test_type_checks_skip_only_defaults_that_already_have_their_type():
+    """from_dict type-checks only the fields the caller named (SamplingParams._check_types):
+    valid only while every default already has its checked type, a float field's a float."""
+    from pipeline_infer.sampling_params import _BOOL_FIELDS, _FLOAT_FIELDS, _INT_FIELDS
+
+    defaults = SamplingParams()
+    assert all(type(getattr(defaults, f)) is int for f in _INT_FIELDS)
+    assert all(type(getattr(defaults, f)) is float for f in _FLOAT_FIELDS)
+    assert all(type(getattr(defaults, f)) is bool for f in _BOOL_FIELDS)
+    # Several bad fields: the first in check order is reported, whatever the dict's order.
+    with pytest.raises(TypeError, match="'max_new_tokens' must be an int"):
+        SamplingParams.from_dict({"ignore_eos": 1, "top_p": "x", "max_new_tokens": 1.5})
+    with pytest.raises(TypeError, match="'top_p' must be a number"):
+        SamplingParams.from_dict({"ignore_eos": 1, "top_p": "x"})
+    # A copy of an instance names every field: all checked and normalized.
+    p = SamplingParams.from_dict(SamplingParams(temperature=0, top_p=1))
+    assert type(p.temperature) is float and type(p.top_p) is float
+    with pytest.raises(TypeError, match="'n' must be an int"):
+        SamplingParams.from_dict(SamplingParams(n=True))
+
+
 def test_normalisation():
     p = SamplingParams.from_dict({"stop": "###", "stop_regex": r"\d+", "temperature": 1})
     assert p.stop == ["###"] and p.stop_regex == [r"\d+"] and isinstance(p.temperature, float)

@@ -691,6 +691,8 @@ def test_inflight_trie_against_brute_force():
         assert index.shared(probe) == brute(probe)
         cut = rng.randint(0, len(probe) + 2)
         assert index.shared(probe, cut) == brute(probe[:cut])
+        n = rng.randint(0, len(probe))
+        assert index.covers(probe, n) == (brute(probe[:n]) >= n)
         assert index.root.count == len(live) == len(index.members)
     for r in live:
         index.remove(r)
@@ -864,3 +866,44 @@ def test_a_full_pool_evicts_once_for_all_decodes_of_a_step(page_size):
     # (at page size 4 a quarter of the decodes need a page on a step, so fewer calls to save)
     assert fast["evict_calls"] <= reference["evict_calls"] // (4 if page_size == 1 else 1.5)
     assert fast["fast"] > len(fast["steps"]) // 2
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_held_matches_the_shared_prefix_formula(page_size):
+    """`_held` decides through `_InFlight.covers` whether the in-flight prefills cover a target
+    length; it must answer exactly as the formula over `_InFlight.shared` it replaced."""
+    from pipeline_infer.scheduler import _HOLD_MIN_TOKENS
+
+    rng = random.Random(page_size)
+    alloc, cache, sched = radix_sched(page_size, 4096, max_running_requests=8, chunked_prefill_size=64)
+    bases = [rand_ids(rng, 160) for _ in range(3)]
+
+    def reference(r: Request) -> bool:
+        ps, limit = page_size, r.max_prefix_len
+        shared = sched._inflight.shared(r.token_ids, limit) // ps * ps
+        if shared == 0:
+            return False
+        cached = cache.match_len(r.token_ids[:limit])
+        in_flight, own = shared - cached, limit // ps * ps - cached
+        return in_flight > 0 and in_flight >= min(_HOLD_MIN_TOKENS, own)
+
+    live: list[Request] = []
+    answers: list[bool] = []
+    for step in range(400):
+        ids = rng.choice(bases)[: rng.randint(0, 160)] + rand_ids(rng, rng.randint(1, 40))
+        if rng.random() < 0.2:  # some cached prefixes
+            n = rng.randint(0, len(ids)) // page_size * page_size
+            pages = alloc.alloc(n // page_size)
+            if pages:
+                alloc.free(cache.insert(ids[:n], pages).duplicate_pages)
+        if live and rng.random() < 0.4:
+            sched._inflight.remove(live.pop(rng.randrange(len(live))))
+        else:
+            r = req(f"f{step}", ids)
+            sched._inflight.add(r)
+            live.append(r)
+        probe = req(f"p{step}", rng.choice(bases)[: rng.randint(0, 160)] + rand_ids(rng, rng.randint(1, 40)))
+        held = sched._held(probe, {})
+        assert held == reference(probe)
+        answers.append(held)
+    assert 0 < sum(answers) < len(answers)
