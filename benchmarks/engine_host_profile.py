@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--prefix-groups", type=int, default=0,
                     help="prompts in this many groups, each group's starting with the same --prefix-len tokens")
     ap.add_argument("--prefix-len", type=int, default=1024)
-    ap.add_argument("--enable-cascade-attn", action="store_true")
+    ap.add_argument("--disable-cascade-attn", action="store_true")
     args = ap.parse_args()
     if args.attention_backend == "triton":
         if not args.stub_model:
@@ -117,7 +117,7 @@ def main() -> None:
         s = run_once(model_dir, args.requests, args.prompt_len, args.new_tokens, prof,
                      stub_model=args.stub_model, page_size=args.page_size, attention_backend=args.attention_backend,
                      prefix_groups=args.prefix_groups, prefix_len=args.prefix_len,
-                     enable_cascade_attn=args.enable_cascade_attn)
+                     enable_cascade_attn=not args.disable_cascade_attn)
         runs.append(s)
         print(f"run {i + 1}: {s['steps']} steps, schedule {s['schedule_s']:.3f} s, build {s['build_s']:.3f} s, "
               f"post {s['post_s']:.3f} s, forward {s['forward_s']:.3f} s, wall {s['wall_s']:.3f} s", flush=True)

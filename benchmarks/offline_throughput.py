@@ -255,8 +255,8 @@ def main():
     ap.add_argument("--max-running-requests", type=int, default=None)
     ap.add_argument("--disable-cuda-graph", action="store_true")
     ap.add_argument("--disable-radix-cache", action="store_true")
-    ap.add_argument("--enable-cascade-attn", action="store_true",
-                    help="Engine(enable_cascade_attn=True): decode rows sharing a cached prefix read it once per group")
+    ap.add_argument("--disable-cascade-attn", action="store_true",
+                    help="Engine(enable_cascade_attn=False): decode rows read a shared cached prefix each (on by default)")
     ap.add_argument("--no-mixed-chunk", action="store_true",
                     help="Engine(enable_mixed_chunk=False): prefill-only or decode-only steps")
     ap.add_argument("--disable-extend-cuda-graph", action="store_true",
@@ -303,8 +303,8 @@ def main():
         opts["disable_overlap_schedule"] = True
     if args.disable_extend_cuda_graph:
         opts["disable_extend_cuda_graph"] = True
-    if args.enable_cascade_attn:
-        opts["enable_cascade_attn"] = True
+    if args.disable_cascade_attn:
+        opts["enable_cascade_attn"] = False
     config = ",".join(
         [args.backend or "auto"] + (["no-graphs"] if args.disable_cuda_graph else [])
         + (["no-radix"] if args.disable_radix_cache else [])
@@ -313,7 +313,7 @@ def main():
         + ([f"chunk{args.chunked_prefill_size}"] if args.chunked_prefill_size else [])
         + (["no-overlap"] if args.disable_overlap_schedule else [])
         + (["no-extend-graphs"] if args.disable_extend_cuda_graph else [])
-        + (["cascade"] if args.enable_cascade_attn else [])
+        + (["no-cascade"] if args.disable_cascade_attn else [])
     )
     shape = ModelShape.from_config(cfg)
     results = []

@@ -69,12 +69,12 @@ class EngineConfig:
     disable_extend_cuda_graph: bool = False
     # Cascade attention: decode rows whose prompts share cached prefix pages (the radix cache's)
     # read those pages once per group of rows instead of once per row
-    # (kernels/triton/shared_prefix_attention.py; Triton backend, radix cache on). Off by
-    # default: on an H200 with 1,024 rows of the shared-prefix workload its kernels take 67 us
-    # a layer against 118 us without (ninth session), but the step's host work (the groups
-    # are found on the host) then sets the pace, and end to end it was slower (2.13 vs
-    # 1.88 s in the same call; docs/benchmarks.md, seventh to ninth sessions).
-    enable_cascade_attn: bool = False
+    # (kernels/triton/shared_prefix_attention.py; Triton backend, radix cache on; elsewhere it
+    # does nothing). On by default since the twelfth session: on an H200 the shared-prefix
+    # workload's decode steps take 7-14% less device time with it, and without shared prefixes
+    # (random, decode-heavy) its device time and walls were the same in one call, its only cost
+    # the host's group finding, hidden behind the device (docs/benchmarks.md).
+    enable_cascade_attn: bool = True
 
     # outputs
     incremental_streaming_output: bool = False
