@@ -15,14 +15,21 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from pipeline_infer.config import EngineConfig
+from pipeline_infer.engine_inputs import split_call
 from pipeline_infer.extra_outputs import ExtraOutputs, OutputArgs
 from pipeline_infer.request import Request
 from pipeline_infer.sampling_params import SamplingParams
 
 logger = logging.getLogger("pipeline_infer")
+
+# Prompts per slice of a large non-streaming generate() call (engine_inputs.split_call): the
+# engine starts on the first slice's requests while the others are checked and made (~60 us a
+# prompt of ~1,100 ids on a 2-core CPU, so a 1,024-prompt call used to keep a GPU idle ~65 ms).
+# 128 prompts are more than one 16,384-token prefill step takes of most workloads.
+_SUBMIT_SLICE = 128
 
 
 class Engine:
@@ -189,6 +196,13 @@ class Engine:
         self._check_alive()
         outputs = OutputArgs(return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states,
                              return_text_in_logprobs)
+        slices = None if stream else split_call(prompt, sampling_params, input_ids, rid, outputs, _SUBMIT_SLICE)
+        if slices is not None:
+            # A batch job: its first prompts' requests go to the engine while the rest are made.
+            first = slices[0]
+            reqs, _ = self._make_requests(*first[:5], stream=False, first_index=first.first_index)
+            later = (self._make_requests(*s[:5], stream=False, first_index=s.first_index)[0] for s in slices[1:])
+            return _SyncCollector(self, reqs).wait(False, later)
         reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs, stream=stream)
         collector = _SyncCollector(self, reqs)
         if stream:
@@ -220,12 +234,14 @@ class Engine:
 
     # --- input handling -------------------------------------------------------------------
     def _make_requests(
-        self, prompt, sampling_params, input_ids, rid, outputs: OutputArgs | None = None, stream: bool = True
+        self, prompt, sampling_params, input_ids, rid, outputs: OutputArgs | None = None, stream: bool = True,
+        first_index: int = 0,
     ) -> tuple[list[Request], bool]:
-        """stream=False: the caller reads only the final text, so it is decoded once at the end."""
+        """stream=False: the caller reads only the final text, so it is decoded once at the end.
+        first_index: the call's index of the first prompt given (a slice of the call's: split_call)."""
         from pipeline_infer.engine_inputs import normalize_inputs
 
-        prompts_ids, params, single = normalize_inputs(self, prompt, sampling_params, input_ids)
+        prompts_ids, params, single = normalize_inputs(self, prompt, sampling_params, input_ids, first_index)
         rids = _request_ids(rid, len(prompts_ids))
         extra = (outputs or OutputArgs()).resolve(prompts_ids, self)
         for p in params:  # compile every grammar (or fail) before anything is submitted
@@ -330,10 +346,21 @@ class _CollectorBase:
         self._sent_ids = [0] * len(reqs)
         self.done = [False] * len(reqs)
 
-    def _route_outputs(self, put: Callable[[_Snapshot], Any], finished_only: bool) -> None:
+    def _add(self, reqs: list[Request]) -> int:
+        """Append requests of the same call (made after the first were submitted); returns the index of the first."""
+        start = len(self.reqs)
+        self.reqs = self.reqs + reqs
+        self._sent_text += [0] * len(reqs)
+        self._sent_ids += [0] * len(reqs)
+        self.done += [False] * len(reqs)
+        return start
+
+    def _route_outputs(self, put: Callable[[_Snapshot], Any], finished_only: bool, start: int = 0) -> None:
         """Send each request's outputs to put; only its final one when finished_only (what
-        a non-streaming call returns: one event per request, not one per request per step)."""
-        for i, req in enumerate(self.reqs):
+        a non-streaming call returns: one event per request, not one per request per step).
+        start: only the requests from that index on (those not yet routed)."""
+        for i in range(start, len(self.reqs)):
+            req = self.reqs[i]
             req.output_every_step = not finished_only
             if finished_only:  # the engine calls it only at the finish then; the check stays for safety
                 req.on_output = lambda r, fin, i=i: fin and put(_Snapshot(i, r, fin))
@@ -392,23 +419,41 @@ class _SyncCollector(_CollectorBase):
                 remaining -= 1
             yield snap
 
-    def wait(self, single: bool) -> dict | list[dict]:
+    def wait(self, single: bool, later: Iterable[list[Request]] = ()) -> dict | list[dict]:
+        """The results of self.reqs and then of each list of requests `later` yields (each submitted
+        as soon as it is made; an error making one aborts every request submitted, then is raised)."""
         # The results are read from the requests once all have finished, so the engine thread
         # only counts finishes and wakes this thread once, at the last: a wake-up per finished
         # request would take the GIL from the engine thread as often, mid-step.
         all_done = threading.Event()
-        remaining = [len(self.reqs)]
+        lock = threading.Lock()  # the count is shared with the engine thread while requests are added
+        state = {"remaining": 0, "all_submitted": False}
 
         def finished(i: int) -> None:  # on the engine thread
-            if not self.done[i]:
+            with lock:
+                if self.done[i]:
+                    return
                 self.done[i] = True
-                remaining[0] -= 1
-                if remaining[0] == 0:
+                state["remaining"] -= 1
+                if state["remaining"] == 0 and state["all_submitted"]:
                     all_done.set()
 
-        self._route_outputs(lambda snap: finished(snap.index), finished_only=True)
-        self.engine._core.submit(self.reqs)
+        def submit(start: int) -> None:
+            with lock:
+                state["remaining"] += len(self.reqs) - start
+            self._route_outputs(lambda snap: finished(snap.index), finished_only=True, start=start)
+            self.engine._core.submit(self.reqs[start:])
+
         try:
+            submit(0)
+            for reqs in later:
+                with lock:
+                    start = self._add(reqs)
+                submit(start)
+            with lock:
+                state["all_submitted"] = True
+                if state["remaining"] == 0:
+                    all_done.set()
             all_done.wait()
         finally:
             self.abort_unfinished()

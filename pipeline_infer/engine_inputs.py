@@ -1,16 +1,20 @@
 """Turn generate()'s arguments into token-id lists and validated SamplingParams.
 
 Every user mistake becomes a ValueError/TypeError naming the bad value and what is
-allowed, raised before anything reaches the engine thread, so the engine keeps serving.
+allowed, raised before anything reaches the engine thread, so the engine keeps serving. (A
+large call goes in slices, `split_call`: a mistake in a later slice aborts the requests of the
+slices already handed over, then is raised; the call returns nothing either way.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from pipeline_infer.extra_outputs import OutputArgs
 from pipeline_infer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -18,20 +22,23 @@ if TYPE_CHECKING:
 
 
 def normalize_inputs(
-    engine: "Engine", prompt: Any, sampling_params: Any, input_ids: Any
+    engine: "Engine", prompt: Any, sampling_params: Any, input_ids: Any, first_index: int = 0
 ) -> tuple[list[list[int]], list[SamplingParams], bool]:
-    """(token ids per prompt, params per prompt, whether the call was for a single prompt)."""
+    """(token ids per prompt, params per prompt, whether the call was for a single prompt).
+
+    first_index: the call's index of the first prompt given (a CallSlice's), for error messages.
+    """
     if (prompt is None) == (input_ids is None):
         raise ValueError("pass exactly one of prompt (text) and input_ids (token ids)")
     if prompt is not None:
-        texts, single = _texts(prompt)
+        texts, single = _texts(prompt, first_index)
         if engine.tokenizer is None:
             raise ValueError("this engine has no tokenizer (skip_tokenizer_init or a model without one): pass input_ids")
         ids = engine.tokenizer.encode(texts)
     else:
-        ids, single = _id_lists(input_ids)
+        ids, single = _id_lists(input_ids, first_index)
     params = _params(sampling_params, len(ids))
-    for i, (seq, p) in enumerate(zip(ids, params)):
+    for i, (seq, p) in enumerate(zip(ids, params), first_index):
         where = "" if single else f" (prompt {i})"
         if len(seq) == 0:
             raise ValueError(f"empty prompt{where}: a prompt needs at least one token")
@@ -63,20 +70,20 @@ def _ids_in_range(seq: list[int], vocab_size: int) -> bool:
     return 0 <= int(ids.min()) and int(ids.max()) < vocab_size
 
 
-def _texts(prompt: Any) -> tuple[list[str], bool]:
+def _texts(prompt: Any, first_index: int = 0) -> tuple[list[str], bool]:
     if isinstance(prompt, str):
         return [prompt], True
     if isinstance(prompt, (list, tuple)):
         if not prompt:
             raise ValueError("prompt is an empty list: pass at least one prompt")
-        for i, p in enumerate(prompt):
+        for i, p in enumerate(prompt, first_index):
             if not isinstance(p, str):
                 raise TypeError(f"prompt[{i}] must be a str, got {type(p).__name__}")
         return list(prompt), False
     raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
 
 
-def _id_lists(input_ids: Any) -> tuple[list[list[int]], bool]:
+def _id_lists(input_ids: Any, first_index: int = 0) -> tuple[list[list[int]], bool]:
     if hasattr(input_ids, "tolist"):  # numpy arrays and torch tensors
         input_ids = input_ids.tolist()
     if not isinstance(input_ids, (list, tuple)):
@@ -86,7 +93,7 @@ def _id_lists(input_ids: Any) -> tuple[list[list[int]], bool]:
     if all(_is_int(t) for t in input_ids):
         return [list(input_ids)], True
     out = []
-    for i, seq in enumerate(input_ids):
+    for i, seq in enumerate(input_ids, first_index):
         if hasattr(seq, "tolist"):
             seq = seq.tolist()
         if not isinstance(seq, (list, tuple)):
@@ -118,3 +125,52 @@ def _params(sampling_params: Any, n: int) -> list[SamplingParams]:
     raise TypeError(
         f"sampling_params must be a dict, a SamplingParams or a list of them, got {type(sampling_params).__name__}"
     )
+
+
+class CallSlice(NamedTuple):
+    """generate()'s arguments for consecutive prompts [first_index, first_index + n) of one call."""
+
+    prompt: Any
+    sampling_params: Any
+    input_ids: Any
+    rid: Any
+    outputs: OutputArgs
+    first_index: int
+
+
+def split_call(
+    prompt: Any, sampling_params: Any, input_ids: Any, rid: Any, outputs: OutputArgs, size: int
+) -> list[CallSlice] | None:
+    """A call over more than `size` prompts as slices of at most `size`, each argument given per
+    prompt cut to its slice; None when the call is not such a list or its per-prompt arguments
+    do not match its length (it then goes through normalize_inputs whole, which says what is wrong).
+
+    Lets generate() hand the engine the first slice's requests while it still checks and builds
+    the others: the device starts that much sooner.
+    """
+    items = input_ids if prompt is None else prompt
+    if (prompt is None) == (input_ids is None) or hasattr(items, "tolist") or not isinstance(items, (list, tuple)):
+        return None  # one prompt, an array (converted whole), or a mistake normalize_inputs reports
+    n = len(items)
+    if n <= size or (prompt is None and _is_int(items[0])):
+        return None  # few prompts, or one prompt's ids
+    per_prompt = {"sampling_params": sampling_params, "rid": rid}
+    per_prompt.update((f.name, getattr(outputs, f.name)) for f in dataclasses.fields(outputs))
+    for value in per_prompt.values():
+        if isinstance(value, (list, tuple)) and len(value) != n:
+            return None
+    if isinstance(rid, str):
+        return None
+
+    def cut(value: Any, a: int, b: int) -> Any:
+        return value[a:b] if isinstance(value, (list, tuple)) else value
+
+    slices = []
+    for a in range(0, n, size):
+        b = a + size
+        out = dataclasses.replace(outputs, **{f.name: cut(getattr(outputs, f.name), a, b) for f in dataclasses.fields(outputs)})
+        slices.append(CallSlice(
+            items[a:b] if prompt is not None else None, cut(sampling_params, a, b),
+            items[a:b] if prompt is None else None, cut(rid, a, b), out, a,
+        ))
+    return slices

@@ -300,3 +300,93 @@ def test_a_non_streaming_request_gets_one_output_call_a_streaming_one_one_per_to
     streamed = list(bundled_engine.generate(prompts[0], params, stream=True))
     assert [len(v) for v in calls.values()] == [5] and list(calls.values())[0][-1] is True
     assert streamed[-1]["output_ids"] == outs[0]["output_ids"]
+
+
+def _count_submits(engine, monkeypatch) -> list[int]:
+    sizes: list[int] = []
+    submit = engine._core.submit
+
+    def counting(reqs):
+        sizes.append(len(reqs))
+        submit(reqs)
+
+    monkeypatch.setattr(engine._core, "submit", counting)
+    return sizes
+
+
+def test_a_large_call_goes_to_the_engine_in_slices_with_the_same_results(bundled_engine, monkeypatch):
+    """A non-streaming call over more than _SUBMIT_SLICE prompts hands each slice's requests to
+    the engine as soon as they are made; per-prompt arguments are cut to each slice."""
+    from pipeline_infer import engine as engine_module
+
+    prompts = PROMPTS[:7]
+    kwargs = dict(
+        sampling_params=[{"temperature": 0, "max_new_tokens": 3 + i, "ignore_eos": True} for i in range(7)],
+        rid=[f"r{i}" for i in range(7)],
+        return_logprob=[i % 2 == 0 for i in range(7)],
+        top_logprobs_num=2,
+    )
+    whole = bundled_engine.generate(prompts, **kwargs)
+    sizes = _count_submits(bundled_engine, monkeypatch)
+    monkeypatch.setattr(engine_module, "_SUBMIT_SLICE", 3)
+    sliced = bundled_engine.generate(prompts, **kwargs)
+    assert sizes == [3, 3, 1]
+    assert [o["output_ids"] for o in sliced] == [o["output_ids"] for o in whole]
+    assert [len(o["output_ids"]) for o in sliced] == [3 + i for i in range(7)]
+    assert [o["meta_info"]["id"] for o in sliced] == kwargs["rid"]
+    assert [("output_token_logprobs" in o["meta_info"]) for o in sliced] == kwargs["return_logprob"]
+    # (other batches, so the logprobs agree to float rounding only)
+    got, want = sliced[2]["meta_info"]["output_token_logprobs"], whole[2]["meta_info"]["output_token_logprobs"]
+    assert [t for _, t, _ in got] == [t for _, t, _ in want]
+    assert [lp for lp, _, _ in got] == pytest.approx([lp for lp, _, _ in want], abs=1e-4)
+    # ids, one params dict for all, n samples each: prompt by prompt, its samples together
+    sizes.clear()
+    ids = bundled_engine.tokenizer.encode(PROMPTS[:5])
+    params = {"temperature": 0, "max_new_tokens": 4, "n": 2}
+    outs = bundled_engine.generate(input_ids=ids, sampling_params=params)
+    assert sizes == [6, 4] and len(outs) == 10
+    alone = [bundled_engine.generate(input_ids=p, sampling_params={"temperature": 0, "max_new_tokens": 4}) for p in ids]
+    assert [o["output_ids"] for o in outs] == [a["output_ids"] for a in alone for _ in range(2)]
+
+
+def test_a_mistake_in_a_later_slice_aborts_what_was_submitted(monkeypatch):
+    from pipeline_infer import engine as engine_module
+
+    with Engine(disable_radix_cache=True) as llm:
+        free_before = llm.get_server_info()["num_free_pages"]
+        monkeypatch.setattr(engine_module, "_SUBMIT_SLICE", 2)
+        sizes = _count_submits(llm, monkeypatch)
+        long_job = {"max_new_tokens": 300, "ignore_eos": True}
+        with pytest.raises(ValueError, match=r"token id 1000000000 \(prompt 4\)"):  # the call's index, not the slice's
+            llm.generate(input_ids=[[1, 2, 3]] * 4 + [[1, 10**9]], sampling_params=long_job)
+        assert sizes == [2, 2]  # two slices went in before the third failed
+        with pytest.raises(TypeError, match=r"prompt\[3\] must be a str"):
+            llm.generate(["a", "b", "c", 4], long_job)
+        # A list that does not match the prompts is refused whole, before anything is submitted.
+        sizes.clear()
+        with pytest.raises(ValueError, match="got 3 sampling_params for 5 prompts"):
+            llm.generate(["a"] * 5, [long_job] * 3)
+        assert sizes == []
+        # The aborts are handled between steps; a call through the engine thread waits for them.
+        assert llm.generate("x", {"max_new_tokens": 1})["meta_info"]["completion_tokens"] == 1
+        info = llm.get_server_info()
+        assert info["num_running"] == 0 and info["num_waiting"] == 0
+        assert info["num_free_pages"] == free_before
+
+
+def test_the_wait_counts_requests_added_after_the_first_ones_finished(bundled_engine):
+    import time
+
+    from pipeline_infer.engine import _SyncCollector
+
+    first, _ = bundled_engine._make_requests(["a"], {"max_new_tokens": 1}, None, None, stream=False)
+
+    def later():
+        while not first[0].is_finished:
+            time.sleep(0.005)
+        params = {"max_new_tokens": 3, "ignore_eos": True, "temperature": 0}
+        yield bundled_engine._make_requests(["b"], params, None, None, stream=False)[0]
+
+    outs = _SyncCollector(bundled_engine, first).wait(False, later())
+    assert [len(o["output_ids"]) for o in outs] == [1, 3]
+    assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
