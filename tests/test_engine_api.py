@@ -390,3 +390,13 @@ def test_the_wait_counts_requests_added_after_the_first_ones_finished(bundled_en
     outs = _SyncCollector(bundled_engine, first).wait(False, later())
     assert [len(o["output_ids"]) for o in outs] == [1, 3]
     assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
+
+
+def test_request_ids_are_distinct_32_digit_hex_unless_given():
+    from pipeline_infer.engine import _request_ids
+
+    ids = _request_ids(None, 1000)
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert _request_ids(["a", "b"], 2) == ["a", "b"]
+    with pytest.raises(ValueError, match="rid must be a str per prompt"):
+        _request_ids(["a"], 2)
