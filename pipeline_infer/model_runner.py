@@ -126,6 +126,11 @@ class ModelRunner:
                 self, chunked_prefill_size + max_running_requests, max_running_requests,
                 min(max_context, self.capacity_tokens),
             )
+        if device.type == "cuda":
+            from pipeline_infer.kernels.triton.argmax import warm_up
+
+            # Greedy sampling's argmax at every chunk count now, not in a run's first steps.
+            warm_up(self.hf_config.vocab_size, self.dtype, device)
         logger.info(
             "KV pool: %d pages of %d tokens (%d tokens), backend %s",
             num_pages, page_size, (num_pages - 1) * page_size, attention_backend,

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from pipeline_infer.kernels.triton.argmax import BLOCK, MAX_CHUNKS, _argmax_kernel, choose_chunks, row_argmax  # noqa: E402
+from pipeline_infer.kernels.triton.argmax import BLOCK, MAX_CHUNKS, _argmax_kernel, choose_chunks, row_argmax, warm_up  # noqa: E402
 from pipeline_infer.kernels.triton.launch import is_interpreted  # noqa: E402
 
 DEVICE = "cpu" if is_interpreted(_argmax_kernel) else "cuda"
@@ -64,6 +64,19 @@ def test_choose_chunks() -> None:
     assert choose_chunks(256, 151_936, 132) == 3
     assert choose_chunks(1, 151_936, 132) == MAX_CHUNKS  # capped
     assert choose_chunks(1, 100, 132) == 1  # one block's worth of values
+
+
+@pytest.mark.parametrize("n_cols", [151_936, 5 * BLOCK + 7, 100])
+def test_warm_up_covers_every_chunk_count_a_step_can_get(n_cols: int, monkeypatch) -> None:
+    """The start-up warm-up launches each chunk count choose_chunks can pick for any batch."""
+    from pipeline_infer.kernels.triton import argmax
+
+    launched = []
+    monkeypatch.setattr(argmax, "row_argmax", lambda x, chunks=None: launched.append(chunks))
+    counts = warm_up(n_cols, torch.float32, torch.device("cpu"))
+    assert launched == counts
+    needed = {choose_chunks(rows, n_cols, sms) for rows in range(1, 5000) for sms in (1, 78, 132, 148)}
+    assert needed <= set(counts)
 
 
 def test_bad_inputs_name_the_problem() -> None:

@@ -110,3 +110,19 @@ def row_argmax(x: torch.Tensor, chunks: int | None = None) -> torch.Tensor:
                                    BLOCK=BLOCK, SINGLE=False, num_warps=8)
     _pick_chunk_kernel[(rows,)](part_max, part_idx, out, chunks, BLOCK_C=next_power_of_2(chunks))
     return out
+
+
+def warm_up(n_cols: int, dtype: torch.dtype, device: torch.device) -> list[int]:
+    """Launch row_argmax once at every chunk count rows of n_cols values can get (returned).
+
+    The chunk count follows a step's row count (choose_chunks), and each count is its own
+    compiled variant (its BLOCK_C, and Triton's specialisation of the chunk length on its
+    divisibility by 16), so a run's first steps of each size compiled or loaded one: eight on
+    an H200 in the first shared-prefix run after start-up (docs/benchmarks.md, twelfth session).
+    The engine calls this at start-up instead.
+    """
+    counts = list(range(1, min(MAX_CHUNKS, -(-n_cols // BLOCK)) + 1))
+    x = torch.zeros(1, n_cols, dtype=dtype, device=device)
+    for chunks in counts:
+        row_argmax(x, chunks)
+    return counts
