@@ -108,6 +108,14 @@ def print_breakdown(b: dict, wall_s: float) -> None:
               f"{k['median_device_ms']:>7.2f} {k['median_host_ms']:>7.2f}")
 
 
+def breakdown_totals(b: dict) -> dict:
+    """One repeat's step timing cut to its totals by step kind (seconds, to the millisecond)."""
+    keys = ("steps", "wall_s", "device_s", "host_s", "schedule_s", "build_s", "post_s")
+    out = {"span_s": round(b["span_s"], 3), "wall_s": round(b["wall_s"], 3)}
+    out["by_kind"] = {kind: {k: round(v[k], 3) for k in keys} for kind, v in b["by_kind"].items() if v["steps"]}
+    return out
+
+
 def run_hf(model_dir, reqs, repeats, batch=64):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -334,6 +342,9 @@ def main():
         r["ours"] = summary(walls, reqs)
         if breakdowns:  # the repeat whose wall time is the median one reported
             r["breakdown"] = breakdowns[walls.index(sorted(walls)[(len(walls) - 1) // 2])]
+            # Every repeat's totals by step kind, in the order of ours["walls"] (the first repeat
+            # after start-up is often the slowest: this says in which steps).
+            r["breakdown_runs"] = [breakdown_totals(b) for b in breakdowns]
         floor = None
         if device["copy_Bps"]:
             floor = floor_seconds(shape, reqs, info["max_running_requests"], device["copy_Bps"],
