@@ -199,10 +199,12 @@ class Engine:
         slices = None if stream else split_call(prompt, sampling_params, input_ids, rid, outputs, _SUBMIT_SLICE)
         if slices is not None:
             # A batch job: its first prompts' requests go to the engine while the rest are made.
-            first = slices[0]
-            reqs, _ = self._make_requests(*first[:5], stream=False, first_index=first.first_index)
-            later = (self._make_requests(*s[:5], stream=False, first_index=s.first_index)[0] for s in slices[1:])
-            return _SyncCollector(self, reqs).wait(False, later)
+            made = (
+                self._make_requests(s.prompt, s.sampling_params, s.input_ids, s.rid, s.outputs, stream=False,
+                                    first_index=s.first_index)[0]
+                for s in slices
+            )
+            return _SyncCollector(self, next(made)).wait(False, made)
         reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs, stream=stream)
         collector = _SyncCollector(self, reqs)
         if stream:

@@ -20,7 +20,7 @@ from pipeline_infer.device_page_table import DevicePageTable
 from pipeline_infer.forward_batch import ForwardBatch, ints_to_device, to_device
 from pipeline_infer.page_table import PageTableBuilder
 from pipeline_infer.request import PLACEHOLDER
-from pipeline_infer.sampler import Sampler, SamplingBatchInfo
+from pipeline_infer.sampler import Sampler, SamplingBatchInfo, warm_up_greedy
 from pipeline_infer.step_extras import StepExtras
 from pipeline_infer.structured import fill_bitmask
 
@@ -126,11 +126,7 @@ class ModelRunner:
                 self, chunked_prefill_size + max_running_requests, max_running_requests,
                 min(max_context, self.capacity_tokens),
             )
-        if device.type == "cuda":
-            from pipeline_infer.kernels.triton.argmax import warm_up
-
-            # Greedy sampling's argmax at every chunk count now, not in a run's first steps.
-            warm_up(self.hf_config.vocab_size, self.dtype, device)
+        warm_up_greedy(self.hf_config.vocab_size, self.dtype, device)
         logger.info(
             "KV pool: %d pages of %d tokens (%d tokens), backend %s",
             num_pages, page_size, (num_pages - 1) * page_size, attention_backend,

@@ -186,6 +186,15 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def warm_up_greedy(vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """At start-up, every variant greedy_tokens will launch over rows of vocab_size logits, where
+    it takes the Triton kernel (kernels/triton/argmax.py `warm_up`), not in a run's first steps."""
+    if use_triton(torch.empty(0, device=device)):
+        from pipeline_infer.kernels.triton.argmax import warm_up
+
+        warm_up(vocab_size, dtype, device)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         if info.all_greedy and not _adjusts(info):

@@ -223,7 +223,6 @@ def _token_key(key: Any) -> int:
     raise ValueError(f"logit_bias keys must be token ids (int or decimal string), got {key!r}")
 
 
-
 # The fields _check_types checks by kind, each tuple in the order they are checked.
 _INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k", "n")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")

@@ -248,9 +248,8 @@ class _InFlight:
             child = node.children.get(ids[i])
             if child is None:
                 return False
-            key = child.key
-            m = min(len(key), n - i)
-            if key[m - 1] != ids[i + m - 1] or (key if m == len(key) else key[:m]) != ids[i : i + m]:
+            m = min(len(child.key), n - i)
+            if not _span_matches(child.key, ids, i, m):
                 return False
             node, i = child, i + m
         return True
@@ -271,12 +270,17 @@ class _InFlight:
         return i
 
 
+def _span_matches(key: list[int], ids: list[int], i: int, span: int) -> bool:
+    """key[:span] == ids[i : i + span] (span >= 1) in one comparison, unless the last tokens
+    already differ (the usual miss: two prompts sharing a long prefix, then not), where that
+    comparison would be wasted."""
+    return key[span - 1] == ids[i + span - 1] and (key if span == len(key) else key[:span]) == ids[i : i + span]
+
+
 def _common(key: list[int], ids: list[int], i: int, n: int) -> int:
     """Length of the common prefix of key and ids[i:n] (key[0] == ids[i] is known)."""
     span = min(len(key), n - i)
-    # The whole span in one comparison, unless its last tokens already differ (the usual miss:
-    # two prompts sharing a long prefix, then not): that comparison would be wasted.
-    if key[span - 1] == ids[i + span - 1] and (key if span == len(key) else key[:span]) == ids[i : i + span]:
+    if _span_matches(key, ids, i, span):
         return span
     lo, hi = 1, span - 1  # key[:lo] matches; key[:hi + 1] does not
     while lo < hi:  # binary search with C-speed slice comparisons
