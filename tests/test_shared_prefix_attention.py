@@ -235,3 +235,53 @@ def test_common_prefix_len() -> None:
     assert common_prefix_len([9, 2], [1, 2]) == 0
     for guess in range(5):  # a wrong guess only costs time
         assert common_prefix_len([1, 2, 3, 4], [1, 2, 3, 5], guess) == 3
+
+
+@pytest.mark.gpu
+def test_prefix_pass_on_a_side_stream_matches_one_stream_eagerly_and_in_a_graph() -> None:
+    """The prefix pass on a second stream (the backend's default) gives the one-stream result.
+
+    Large enough that the two passes' programs are resident together; with rotary and the K/V
+    store, so the own-keys pass writes the cache while the prefix pass reads it. Inside a CUDA
+    graph the fork and join must be captured, or replay would merge before the prefix pass ends.
+    """
+    ps, hkv, group, head_dim = 16, 2, 7, 64
+    groups = [(64, [40 + (7 * i) % 90 for i in range(48)]) for _ in range(6)]
+    k_cache, v_cache, table, lens, reqs = _grouped_case(21, groups, ps, hkv, head_dim, dtype=torch.bfloat16)
+    b = len(lens)
+    gen = torch.Generator().manual_seed(8)
+    slots = torch.tensor([r.pages[(n - 1) // ps] * ps + (n - 1) % ps for r, n in zip(reqs, lens)], device=DEVICE)
+    q = torch.randn(b, group * hkv, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    k_new = torch.randn(b, hkv, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    v_new = torch.randn(b, hkv, head_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    rotary = RotaryEmbedding(head_dim, head_dim, 4096, {"rope_type": "default", "rope_theta": 1e4}).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    rope = DecodeRope(k_new, v_new, seq_lens.long() - 1, rotary.cos_sin_cache, slots)
+    plan = SharedPrefixFinder(ps, rows_per_item(group * hkv, hkv), max_groups=8, min_saving=0.0).plan(reqs, lens)
+    shared = _shared_tensors(plan, b, 2)
+    expected = decode_attention(q, k_cache.clone(), v_cache.clone(), table, seq_lens, 0.125, 1, rope=rope)
+    one_stream = shared_prefix_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, shared, 1, rope=rope)
+    torch.testing.assert_close(one_stream, expected, rtol=2e-2, atol=2e-2)
+    side = torch.cuda.Stream()
+    out = torch.full_like(q, float("nan"))
+    shared_prefix_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, shared, 1, out=out, rope=rope, side_stream=side)
+    assert torch.equal(out, one_stream)
+
+    def step():
+        shared_prefix_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, shared, 1, out=out, rope=rope, side_stream=side)
+
+    capture = torch.cuda.Stream()
+    capture.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=capture):
+        step()
+    for trial in range(5):
+        out.fill_(float("nan"))
+        q.copy_(torch.randn(q.shape, generator=gen).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        again = shared_prefix_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, shared, 1, rope=rope)
+        assert torch.equal(out, again), trial

@@ -65,6 +65,9 @@ class TritonAttentionBackend:
     # Decode steps rotate and store the new K/V inside the attention kernel (one launch a
     # layer fewer than rope_store_kv + attention); an attribute so benchmarks can compare.
     decode_rope_in_attention = True
+    # Cascade decode: the prefix pass on a second CUDA stream, concurrent with the own-keys pass
+    # (read at construction; an attribute so benchmarks can compare).
+    prefix_pass_on_side_stream = True
 
     def __init__(
         self, kv_pool: KVPool, num_q_heads: int, num_kv_heads: int, head_dim: int, num_sms: int | None = None
@@ -87,6 +90,14 @@ class TritonAttentionBackend:
         # Decode rows sharing a prefix are attended to it together, this many a program
         # (shared_prefix_attention.py); the model runner groups them (pipeline_infer/shared_prefix.py).
         self.shared_prefix_rows = rows_per_item(num_q_heads, num_kv_heads)
+        # Cascade decode runs its prefix pass on a second stream, beside the own-keys pass
+        # (shared_prefix_decode_attention's side_stream). One stream for every layer: each
+        # layer's fork waits for the previous work of the current stream, so they stay in order.
+        self._side_stream = (
+            torch.cuda.Stream(kv_pool.device)
+            if self.prefix_pass_on_side_stream and kv_pool.device.type == "cuda"
+            else None
+        )
 
     def plan(self, batch: ForwardBatch) -> None:
         """Build the kernels' int32 metadata from the batch's host lists (host work, no device sync)."""
@@ -223,7 +234,8 @@ class TritonAttentionBackend:
         k_cache, v_cache = self.kv_pool.k_cache[layer_id], self.kv_pool.v_cache[layer_id]
         if md.shared is not None:
             return shared_prefix_decode_attention(
-                q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.shared, md.num_kv_splits, rope=rope
+                q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.shared, md.num_kv_splits, rope=rope,
+                side_stream=self._side_stream,
             )
         if md.is_decode:
             return decode_attention(q, k_cache, v_cache, md.page_table, md.seq_lens, scale, md.num_kv_splits, rope=rope)
