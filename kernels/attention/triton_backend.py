@@ -65,8 +65,8 @@ class TritonAttentionBackend:
     # Decode steps rotate and store the new K/V inside the attention kernel (one launch a
     # layer fewer than rope_store_kv + attention); an attribute so benchmarks can compare.
     decode_rope_in_attention = True
-    # Cascade decode: the prefix pass on a second CUDA stream, concurrent with the own-keys pass
-    # (read at construction; an attribute so benchmarks can compare).
+    # Cascade decode: the prefix pass on a second CUDA stream, concurrent with the own-keys pass.
+    # Read at construction: set it False on the class before building an engine for one stream.
     prefix_pass_on_side_stream = True
 
     def __init__(

@@ -69,14 +69,6 @@ def own_keys_warps(head_dim: int) -> int | None:
     return 4 if head_dim <= 64 else None
 
 
-def prefix_launch(head_dim: int) -> tuple[int, int, int]:
-    """The prefix pass's (block_n, num_warps, num_stages). H200, 2026-11-30 (thirteenth session):
-    best of 144 settings (rows per entry 8/16/32, block_n 32-128, 4/8 warps, 1-3 stages, 1-4
-    splits) at 1,024 and 512 rows x a 1,024-key prefix (19.9 and 12.5 us a layer)."""
-    block_d = next_power_of_2(head_dim)
-    return (64 if head_dim <= 64 else 32), (4 if block_d <= 64 else 8), 2
-
-
 def choose_prefix_splits(num_items: int, num_kv_heads: int, longest_prefix: int, num_sms: int) -> int:
     """As many splits of each prefix as fit in one wave of two programs an SM (at least one),
     none shorter than 256 keys. Rounding up instead started a second, mostly idle wave: H200,
@@ -204,19 +196,13 @@ def shared_prefix_decode_attention(
     return out
 
 
-def _launch_prefix(
-    q, k_cache, v_cache, page_table, scale, shared: SharedPrefix, part, lse, first_slot, rope,
-    *, rows: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-) -> None:
-    """The prefix pass. rows (sequences an entry holds: how shared.items was built) and the launch
-    settings default to rows_per_item's and prefix_launch's; given, they are for tuning sweeps."""
+def _launch_prefix(q, k_cache, v_cache, page_table, scale, shared: SharedPrefix, part, lse, first_slot, rope) -> None:
     _, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     block_h = next_power_of_2(group)
-    rows = rows_per_item(num_q_heads, num_kv_heads) if rows is None else rows
+    rows = rows_per_item(num_q_heads, num_kv_heads)
     block_d = next_power_of_2(head_dim)
-    default_n, default_warps, default_stages = prefix_launch(head_dim)
     if rope is None:
         pos, cos_sin, stride_cs, half = shared.kv_starts, q, 0, 0  # unused
     else:
@@ -232,11 +218,13 @@ def _launch_prefix(
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         pos, cos_sin, stride_cs,
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, ROWS=rows,
-        BLOCK_D=block_d, BLOCK_N=default_n if block_n is None else block_n,
+        # Launch settings: best of 144 (rows per entry 8/16/32, BLOCK_N 32-128, 4/8 warps, 1-3
+        # stages, 1-4 splits) on an H200 at 1,024 and 512 rows x a 1,024-key prefix, d64
+        # (19.9 and 12.5 us a layer; docs/benchmarks.md, thirteenth session).
+        BLOCK_D=block_d, BLOCK_N=64 if head_dim <= 64 else 32,
         DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_shared_prefix_kernel),
         FUSE_ROPE=rope is not None, HALF=half,
-        num_warps=default_warps if num_warps is None else num_warps,
-        num_stages=default_stages if num_stages is None else num_stages,
+        num_warps=4 if block_d <= 64 else 8, num_stages=2,
     )
 
 
