@@ -56,16 +56,24 @@ _REBUILD = object()  # _narrowed's answer when the plan must be built afresh
 
 
 class SharedPrefixFinder:
-    def __init__(self, page_size: int, rows_per_item: int, max_groups: int, min_saving: float = 0.125):
+    def __init__(
+        self, page_size: int, rows_per_item: int, max_groups: int, min_saving: float = 0.125, min_group_rows: int = 2
+    ):
         """rows_per_item: rows one kernel entry serves; max_groups bounds the work list (graph
         buffers are sized by it); a plan is made only when it saves at least min_saving of the
-        step's key reads."""
-        if rows_per_item < 1 or max_groups < 1:
-            raise ValueError(f"rows_per_item ({rows_per_item}) and max_groups ({max_groups}) must be >= 1")
+        step's key reads; a group joins it only with at least min_group_rows rows (the model
+        runner asks for a full entry: a part-empty entry's pass costs about what a full one
+        does, more than the reads a few rows save; see ModelRunner)."""
+        if rows_per_item < 1 or max_groups < 1 or min_group_rows < 2:
+            raise ValueError(
+                f"rows_per_item ({rows_per_item}) and max_groups ({max_groups}) must be >= 1, "
+                f"min_group_rows ({min_group_rows}) >= 2"
+            )
         self.page_size = page_size
         self.rows_per_item = rows_per_item
         self.max_groups = max_groups
         self.min_saving = min_saving
+        self.min_group_rows = min_group_rows
         self._last_plan: SharedPrefixPlan | None = None
         self._stale = True  # _last_plan is not for the batch the caller last compared against
         # What the last built plan grouped, for a later batch of the same requests less some:
@@ -82,8 +90,10 @@ class SharedPrefixFinder:
         self._forget_groups()
 
     def max_items(self, max_rows: int) -> int:
-        """Work entries a plan over at most max_rows rows can have."""
-        return -(-max_rows // self.rows_per_item) + self.max_groups
+        """Work entries a plan over at most max_rows rows can have: a group of n rows has
+        ceil(n / rows_per_item) <= n / rows_per_item + 1 entries, and there are at most
+        max_rows // min_group_rows groups (and max_groups)."""
+        return -(-max_rows // self.rows_per_item) + min(self.max_groups, max_rows // self.min_group_rows)
 
     def plan(
         self, reqs: list, seq_lens: list[int] | Callable[[], list[int]], same_batch: bool = False
@@ -119,7 +129,7 @@ class SharedPrefixFinder:
         for members, prefix in groups:
             rows = [index[i] for i in map(id, members) if i in index]
             reads = -(-len(rows) // self.rows_per_item)
-            if len(rows) > reads:
+            if len(rows) >= self.min_group_rows and len(rows) > reads:
                 kept.append(((len(rows) - reads) * prefix, rows, prefix))
         self.shrunk_plans += 1
         return self._layout(len(reqs), kept, seq_lens)
@@ -135,7 +145,7 @@ class SharedPrefixFinder:
         ps = self.page_size
         groups = []  # (saved keys, rows, prefix length)
         for rows in by_first.values():
-            if len(rows) < 2:
+            if len(rows) < self.min_group_rows:
                 continue
             first = reqs[rows[0]]
             shared = first.num_shared_pages

@@ -17,6 +17,7 @@ import random
 import pytest
 
 from pipeline_infer import Engine
+from pipeline_infer import model_runner
 from tiny_models import VOCAB, hf_greedy, make_tiny_model
 
 GROUPS, PER_GROUP = 4, 6
@@ -253,11 +254,13 @@ def test_bundled_model_shared_prefix_radix_on_off(bundled_engine):
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_cascade_decode_through_shared_prefixes_matches_hf(tiny, workload, page_size):
+def test_cascade_decode_through_shared_prefixes_matches_hf(tiny, workload, page_size, monkeypatch):
     """enable_cascade_attn=True, the Triton backend (Triton's interpreter on the CPU) and the radix
     cache: decode steps attend to each group's shared prefix once per group of rows
     (shared_prefix_attention.py). Outputs equal HF's, as without it, and the shared path ran."""
     pytest.importorskip("triton")
+    # Groups here have PER_GROUP rows, fewer than the engine's threshold for using the path.
+    monkeypatch.setattr(model_runner, "_MIN_SHARED_PREFIX_GROUP_ROWS", 2)
     directory, _ = tiny
     prompts, _, _, max_new, expected = workload
     n = 2 * PER_GROUP  # two groups' worth keeps the interpreter's run short

@@ -217,6 +217,30 @@ def test_finder_narrows_the_last_plan_when_rows_leave() -> None:
     assert capped.shrunk_plans == 0
 
 
+def test_finder_leaves_groups_under_min_group_rows_out_and_bounds_entries() -> None:
+    """Groups with fewer than min_group_rows rows attend through their own keys (kv_starts 0),
+    when built and when a narrowed group falls under it; max_items bounds every plan's entries."""
+    g3 = [_fake_req([5, 6, 7, 10 + i], 3) for i in range(3)]
+    g2 = [_fake_req([8, 9, 20 + i], 2) for i in range(2)]
+    finder = SharedPrefixFinder(page_size=2, rows_per_item=2, max_groups=4, min_saving=0.0, min_group_rows=3)
+    batch = [g3[0], g2[0], g3[1], g2[1], g3[2]]
+    plan = finder.plan(batch, [8] * 5)
+    assert plan.kv_starts == [6, 0, 6, 0, 6] and plan.rows == [0, 2, 4]
+    assert SharedPrefixFinder(2, 2, 4, 0.0).plan(batch, [8] * 5).kv_starts == [6, 4, 6, 4, 6]  # the default: 2
+    # g3 loses a row: under 3, so no group is left and no plan.
+    assert finder.plan([g3[0], g2[0], g3[2], g2[1]], [9] * 4) is None and finder.shrunk_plans == 1
+    with pytest.raises(ValueError, match="min_group_rows"):
+        SharedPrefixFinder(2, 2, 4, min_group_rows=1)
+    # Entries: a group of n rows takes ceil(n / rows_per_item); groups number <= rows // min_group_rows.
+    for per_item, min_rows, sizes in [(2, 3, [3, 3, 3]), (4, 2, [2] * 6 + [5]), (16, 16, [17, 16, 31])]:
+        big = SharedPrefixFinder(2, per_item, max_groups=64, min_saving=0.0, min_group_rows=min_rows)
+        reqs = [_fake_req([100 * g, 100 * g + 1, 1000 + i], 2) for g, n in enumerate(sizes) for i in range(n)]
+        plan = big.plan(reqs, [8] * len(reqs))
+        assert plan.num_items == sum(-(-n // per_item) for n in sizes) <= big.max_items(len(reqs))
+    assert SharedPrefixFinder(2, 16, 64, min_group_rows=16).max_items(64) == 4 + 4
+    assert SharedPrefixFinder(2, 16, 64, min_group_rows=16).max_items(4096) == 256 + 64
+
+
 def test_prefix_splits_fill_one_wave_of_two_programs_an_sm() -> None:
     from pipeline_infer.kernels.triton.shared_prefix_attention import choose_prefix_splits
 

@@ -39,6 +39,14 @@ from pipeline_infer.kernels.triton.store_kv import store_kv
 from pipeline_infer.layers.rotary import RotaryEmbedding
 
 
+# Prefix splits a decode graph captures at most. The graph cannot know the prefixes it will
+# meet, so choose_prefix_splits would size it for max_context: 16 splits at small batches,
+# where most programs then find nothing to do and still cost their launch, and the merge reads
+# more slots. H200, one layer in a graph, a 1,024-key prefix, 64-row graph: prefix pass 13.1 us
+# at 16 splits, 9.5 at 4, 13.6 at 2; at 256 rows 4 splits 18.7 us against 22.5 at 8 (fourteenth
+# session).
+GRAPH_MAX_PREFIX_SPLITS = 4
+
 @dataclass
 class TritonAttentionMetadata:
     is_decode: bool
@@ -160,7 +168,7 @@ class TritonAttentionBackend:
 
     def graph_decode_metadata(
         self, seq_lens: torch.Tensor, page_table: torch.Tensor, max_context: int,
-        shared_buffer: torch.Tensor | None = None, max_items: int = 0,
+        shared_buffer: torch.Tensor | None = None, max_items: int = 0, grid_items: int | None = None,
     ) -> TritonAttentionMetadata:
         """Decode metadata over static buffers, for CUDA-graph capture.
 
@@ -168,7 +176,9 @@ class TritonAttentionBackend:
         divides each sequence's actual length among the splits, so shorter ones leave some
         splits empty (they cost a launch slot, not memory traffic). With shared_buffer (laid
         out by pack_shared_prefix, sized by shared_prefix_buffer_size), the graph attends
-        through shared prefixes, with the prefix split count fixed likewise.
+        through shared prefixes: its prefix pass's grid covers grid_items work entries (the
+        most a plan over bs rows can have; default max_items) times at most
+        GRAPH_MAX_PREFIX_SPLITS splits.
         """
         bs = seq_lens.shape[0]
         shared = None
@@ -177,8 +187,9 @@ class TritonAttentionBackend:
             kv_starts, _, rows, items, num_items = shared_buffer.split(
                 [bs, max_bs - bs, max_bs, max_items * ITEM_FIELDS, 1]
             )
+            items = items.view(-1, ITEM_FIELDS)[: max_items if grid_items is None else grid_items]
             splits = choose_prefix_splits(max(1, bs // self.shared_prefix_rows), self.num_kv_heads, max_context, self._num_sms)
-            shared = SharedPrefix(kv_starts, rows, items.view(-1, ITEM_FIELDS), num_items, splits)
+            shared = SharedPrefix(kv_starts, rows, items, num_items, min(splits, GRAPH_MAX_PREFIX_SPLITS))
         return TritonAttentionMetadata(
             is_decode=True,
             seq_lens=seq_lens,
