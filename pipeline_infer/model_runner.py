@@ -33,11 +33,12 @@ _CPU_KV_BUDGET_BYTES = 2 << 30  # the CPU has no memory gauge worth trusting; 2 
 # Prefix groups one decode step attends to together (bounds the kernel's work list).
 _MAX_SHARED_PREFIX_GROUPS = 64
 # Rows a group needs to attend to its prefix together. Smaller groups cost more through the
-# prefix pass (a tile of rows per work entry, computed whole) and the merge's extra slots than
-# the prefix reads they save. H200, Qwen2.5-0.5B heads, 1,024-key prefixes, one layer in a CUDA
-# graph (fourteenth session): 32 groups of 7 rows 53.8-56.6 us against 49.5 us without;
-# of 15 rows 63.7-65.0 against 65.8; of 27 rows 95.8 against 124.6.
-_MIN_SHARED_PREFIX_GROUP_ROWS = 16
+# prefix pass (a tile of rows per work entry, computed whole, and a fixed chain of key blocks)
+# and the merge's extra slots than the prefix reads they save. H200, Qwen2.5-0.5B heads,
+# 1,024-key prefixes, one layer in a CUDA graph, every row in a group (fourteenth session):
+# 32 groups of 4 rows 27.5 us against 21.3 us without (plain decode at its best split count);
+# of 6 rows 29.8 against 31.6; of 8 rows 31.6 against 36.9; of 16 rows 47.8 against 63.7.
+_MIN_SHARED_PREFIX_GROUP_ROWS = 8
 
 
 @dataclass
