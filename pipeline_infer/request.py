@@ -88,7 +88,7 @@ class Request:
     sample_row: int = -1  # row of this request's token in its last step's samples (model runner)
     queue_seq: int = -1  # submission order to the scheduler (kept across retractions): its age
     # Scheduler memos, so a step costs O(changes) rather than O(waiting queue): the prefix-cache
-    # probe (max_prefix_len, first page, cached tokens, cache stamp) and the batch group key.
+    # probe (max_prefix_len, where its match ended, cached tokens, cache stamp) and the batch group key.
     prefix_probe: Any = None
     group_key: Any = None
     # Model-runner memo: pages shared with the first row of its decode group (shared_prefix.py).

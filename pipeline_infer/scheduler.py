@@ -110,10 +110,13 @@ class PrefixCache(Protocol):
     """What the scheduler needs from cache/radix.py (kept abstract so it stays testable)."""
 
     def match_prefix(self, token_ids: list[int]) -> Any: ...
+    def match_probed(self, num_tokens: int, where: Any) -> Any: ...
     def match_len(self, token_ids: list[int]) -> int: ...
+    def probe(self, token_ids: list[int]) -> tuple[int, Any]: ...
+    def probe_holds(self, stamp: int, where: Any) -> bool: ...
     def stamp(self) -> int: ...
-    def changed_since(self, stamp: int, first_page: tuple[int, ...]) -> bool: ...
-    def insert(self, token_ids: list[int], pages: list[int]) -> Any: ...
+    def changed_under_since(self, stamp: int) -> list[tuple[int, ...]] | None: ...
+    def insert(self, token_ids: list[int], pages: list[int], node: Any = None, node_pages: int = 0) -> Any: ...
     def lock(self, node: Any) -> None: ...
     def unlock(self, node: Any) -> None: ...
     def evict(self, num_pages: int) -> int: ...
@@ -900,22 +903,21 @@ class Scheduler:
         return n
 
     def _probe(self, req: Request) -> int:
-        """match_len of req's cacheable prefix, re-probed only when the tree changed under its first
-        page since the last probe (`RadixCache.changed_since`): most waiting requests cost a dict lookup."""
+        """match_len of req's cacheable prefix, re-probed only when the tree changed where the last
+        probe's match ended (`RadixCache.probe_holds`): most waiting requests cost a few attribute
+        reads and a dict lookup. The memo's `where` also lets `_match` admit without a new walk."""
         cache = self.prefix_cache
         if cache is None:
             return 0
         limit = req.max_prefix_len
-        ps = self.page_size
-        if limit < ps:
+        if limit < self.page_size:
             return 0  # no whole page to match
         probe = req.prefix_probe
-        if probe is not None and probe[0] == limit and not cache.changed_since(probe[3], probe[1]):
+        if probe is not None and probe[0] == limit and cache.probe_holds(probe[3], probe[1]):
             return probe[2]
-        first = probe[1] if probe is not None else tuple(req.token_ids[:ps])  # token_ids only grow
         stamp = cache.stamp()
-        n = cache.match_len(req.token_ids[:limit])
-        req.prefix_probe = (limit, first, n, stamp)
+        n, where = cache.probe(req.token_ids[:limit])
+        req.prefix_probe = (limit, where, n, stamp)
         return n
 
     def _group_key(self, req: Request) -> tuple[int, ...]:
@@ -954,7 +956,12 @@ class Scheduler:
             return [], 0, None
         # Leave at least one token to compute (its logits sample the next token), and every
         # position whose logprobs or hidden states the request still has to return.
-        result = self.prefix_cache.match_prefix(req.token_ids[: req.max_prefix_len])
+        limit, probe = req.max_prefix_len, req.prefix_probe
+        if probe is not None and probe[0] == limit and self.prefix_cache.probe_holds(probe[3], probe[1]):
+            # Ordering the queue probed it this step (usually): no comparing its tokens again.
+            result = self.prefix_cache.match_probed(probe[2], probe[1])
+        else:
+            result = self.prefix_cache.match_prefix(req.token_ids[:limit])
         return list(result.pages), result.num_tokens, result.node
 
     def _prefill_chunk(self, req: Request, budget: int) -> ScheduledChunk:
@@ -1097,7 +1104,10 @@ class Scheduler:
         full = min(_known_computed(req) // self.page_size, len(req.pages))
         if full <= req.num_shared_pages:
             return
-        result = self.prefix_cache.insert(req.token_ids[: full * self.page_size], req.pages[:full])
+        # From the locked node of the shared pages: no comparing their tokens again.
+        result = self.prefix_cache.insert(
+            req.token_ids[: full * self.page_size], req.pages[:full], req.prefix_node, req.num_shared_pages
+        )
         self.prefix_cache.lock(result.node)  # before the unlock: the shared part stays pinned
         if req.prefix_node is not None:
             self.prefix_cache.unlock(req.prefix_node)
@@ -1118,13 +1128,14 @@ class Scheduler:
         pages, req.pages = req.pages, []
         req.pages_version += 1
         shared, req.num_shared_pages = req.num_shared_pages, 0
-        if self.prefix_cache is not None and req.prefix_node is not None:
-            self.prefix_cache.unlock(req.prefix_node)
-        req.prefix_node = None
+        node, req.prefix_node = req.prefix_node, None
+        if self.prefix_cache is not None and node is not None:
+            self.prefix_cache.unlock(node)
         if self.prefix_cache is None or not cache_kv:
             self.allocator.free(pages[shared:])
             return
         full = max(shared, min(_known_computed(req) // self.page_size, len(pages)))
-        result = self.prefix_cache.insert(req.token_ids[: full * self.page_size], pages[:full])
+        # From the node just unlocked (nothing can have evicted it yet): see _share_computed.
+        result = self.prefix_cache.insert(req.token_ids[: full * self.page_size], pages[:full], node, shared)
         # insert never reports the tree's own pages (pages[:shared]) as duplicates.
         self.allocator.free(result.duplicate_pages + pages[full:])

@@ -320,6 +320,7 @@ class RadixModel(RuleBasedStateMachine):
         self.clock = 0
         self.bases = [[random.Random(seed + i).randrange(4) for _ in range(6 * page_size)] for i in range(2)]
         self.probes: list[tuple[list[int], int, int]] = []  # (tokens, stamp, match_len) memos
+        self.wheres: list[tuple[list[int], int, int, tuple]] = []  # (tokens, stamp, length, where) of probe()
 
     # -- model helpers --
     def _prefixes(self, tokens, k):
@@ -405,6 +406,61 @@ class RadixModel(RuleBasedStateMachine):
             del self.probes[:-8]
 
     @rule(data=st.data())
+    def memo_where(self, data):
+        """probe() agrees with match_len; remember it with where it ended, as the scheduler does."""
+        tokens = self._tokens(data, 6)
+        if len(tokens) >= self.ps:
+            n, where = self.cache.probe(tokens)
+            assert n == self.cache.match_len(tokens)
+            self.wheres.append((tokens, self.cache.stamp(), n, where))
+            del self.wheres[:-8]
+
+    @precondition(lambda self: self.wheres)
+    @rule(data=st.data())
+    def match_probed(self, data):
+        """match_probed of a probe that still holds is match_prefix: pages, node, LRU refresh."""
+        tokens, stamp, n, where = self.wheres[data.draw(st.integers(0, len(self.wheres) - 1))]
+        if not self.cache.probe_holds(stamp, where):
+            return
+        r = self.cache.match_probed(n, where)
+        self.clock += 1
+        k = self._model_match(tokens)
+        prefixes = self._prefixes(tokens, k)
+        assert r.num_tokens == k * self.ps == n
+        assert r.pages == [self.model[p][0] for p in prefixes]
+        assert path_of(self.cache, r.node) == (tuple(tokens[: k * self.ps]), r.pages)
+        for p in prefixes:
+            self.model[p][1] = self.clock
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def extend_from_node(self, data):
+        """A locked match (taken some steps ago) extended by an insert that starts at its node, as
+        Scheduler._share_computed does: same result and LRU refresh as an insert from the root."""
+        node, prefix = self.held[data.draw(st.integers(0, len(self.held) - 1))]
+        k = len(prefix) // self.ps
+        tokens = list(prefix) + self._tokens(data, 6 - k, extra=False)
+        n = len(tokens) // self.ps
+        new = self.alloc.alloc(n - k)
+        if new is None:
+            return
+        mine = [self.model[p][0] for p in self._prefixes(tokens, k)] + new
+        res = self.cache.insert(tokens, mine, node, k)
+        self.clock += 1
+        expected_dups = []
+        for p, page in zip(self._prefixes(tokens, n), mine):
+            if p in self.model:
+                if page != self.model[p][0]:
+                    expected_dups.append(page)
+                self.model[p][1] = self.clock
+            else:
+                self.model[p] = [page, self.clock]
+        assert res.duplicate_pages == expected_dups
+        assert res.pages == [self.model[p][0] for p in self._prefixes(tokens, n)]
+        assert path_of(self.cache, res.node) == (tuple(tokens), res.pages)
+        self.alloc.free(res.duplicate_pages)
+
+    @rule(data=st.data())
     def extend_matched(self, data):
         """Scheduler pattern: match, lock, then insert matched pages + new ones, then unlock."""
         tokens = self._tokens(data, 6, extra=False)
@@ -468,6 +524,13 @@ class RadixModel(RuleBasedStateMachine):
         """changed_since is never wrong when it says a memoized match_len still holds."""
         for tokens, stamp, n in self.probes:
             if not self.cache.changed_since(stamp, tuple(tokens[: self.ps])):
+                assert self.cache.match_len(tokens) == n
+
+    @invariant()
+    def probes_valid_while_they_hold(self):
+        """probe_holds is never wrong when it says a probe's length still holds."""
+        for tokens, stamp, n, where in self.wheres:
+            if self.cache.probe_holds(stamp, where):
                 assert self.cache.match_len(tokens) == n
 
     @invariant()
@@ -603,6 +666,61 @@ def test_scheduler_does_not_evict_its_own_match():
     assert b.output_ids == expected_output(b.prompt_ids, 3)
     assert cache.locked_pages == 0
     check_conservation(cache)
+
+
+@pytest.mark.parametrize("page_size", [1, 2])
+def test_insert_from_node_and_match_probed_are_the_walks_from_the_root(page_size):
+    """Two trees given the same operations, one inserting from a locked match's node and
+    admitting through match_probed (as the scheduler does), the other walking from the root:
+    the same pages, results, last accesses and eviction order throughout."""
+    rng = random.Random(page_size)
+    bases = [[rng.randrange(3) for _ in range(8 * page_size)] for _ in range(3)]
+    trees = [RadixCache(PageAllocator(200), page_size) for _ in range(2)]
+
+    def state(cache):
+        return sorted((path_of(cache, n), n.last_access, n.ref) for n in cache._iter_nodes())
+
+    held = []  # per tree: (node, pages, tokens) locked matches
+    for _ in range(300):
+        tokens = rng.choice(bases)[: rng.randrange(1, 9) * page_size] + [rng.randrange(3) for _ in range(rng.randrange(3) * page_size)]
+        op = rng.randrange(4)
+        if op == 0:  # admit: probe, then match (through the probe on tree 0) and lock
+            probes = [c.probe(tokens) for c in trees]
+            stamps = [c.stamp() for c in trees]
+            assert probes[0][0] == probes[1][0]
+            if rng.randrange(2):  # something in between, as other admissions in the step
+                other = rng.choice(bases)[: rng.randrange(1, 9) * page_size]
+                for c in trees:
+                    c.match_prefix(other)
+            if not trees[0].probe_holds(stamps[0], probes[0][1]):
+                continue
+            results = [trees[0].match_probed(probes[0][0], probes[0][1]), trees[1].match_prefix(tokens)]
+            assert results[0].pages == results[1].pages and results[0].num_tokens == results[1].num_tokens
+            for c, r in zip(trees, results):
+                c.lock(r.node)
+            held.append(([r.node for r in results], results[0].pages, tokens[: results[0].num_tokens]))
+        elif op == 1 and held:  # hand computed pages to the tree, from the node or from the root
+            nodes, pages, prefix = held.pop(rng.randrange(len(held)))
+            extra = [rng.randrange(3) for _ in range(rng.randrange(1, 3) * page_size)]
+            new = trees[0].allocator.alloc(len(extra) // page_size)
+            assert new == trees[1].allocator.alloc(len(extra) // page_size)
+            if new is None:
+                continue
+            for c, node in zip(trees, nodes):
+                c.unlock(node)
+            a = trees[0].insert(prefix + extra, pages + new, nodes[0], len(pages))
+            b = trees[1].insert(prefix + extra, pages + new)
+            assert (a.pages, a.duplicate_pages) == (b.pages, b.duplicate_pages)
+            for c, r in zip(trees, (a, b)):
+                c.allocator.free(r.duplicate_pages)
+        elif op == 2:
+            n = rng.randrange(6)
+            assert trees[0].evict(n) == trees[1].evict(n)
+        else:
+            for c in trees:
+                put(c, tokens[: len(tokens) // page_size * page_size])
+        assert state(trees[0]) == state(trees[1])
+        assert tree_map(trees[0]) == tree_map(trees[1])
 
 
 def test_changed_since_is_per_first_page():

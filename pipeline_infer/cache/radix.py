@@ -42,6 +42,12 @@ whose first page gained or lost cached pages, instead of the whole queue every s
 match changed. Evictions must stay per first page: once the KV pool is full, a long batch job
 evicts on almost every step, and a global stamp made the scheduler re-probe its whole waiting
 window (up to 1,024 requests) each time (docs/benchmarks.md, "One engine slowed down as it aged").
+
+Finer still, `probe(ids)` returns with the match length where the match ended, and
+`probe_holds(stamp, where)` tells whether it still stands. A first page's stamp changes with
+every insert under it: under a shared prompt prefix, each sibling's own suffix landing, which
+adds nothing to the other siblings' matches. And while a probe holds, `match_probed` admits
+the request without comparing its tokens again.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from pipeline_infer.cache.kv_pool import PageAllocator
 
 
 class RadixNode:
-    __slots__ = ("key", "pages", "children", "parent", "ref", "last_access", "dead")
+    __slots__ = ("key", "pages", "children", "parent", "ref", "last_access", "dead", "changed")
 
     def __init__(self, key: tuple[int, ...], pages: tuple[int, ...], parent: Optional["RadixNode"], last_access: int):
         self.key = key  # len(key) == len(pages) * page_size (empty for the root)
@@ -70,6 +76,9 @@ class RadixNode:
         self.ref = 0  # locks on this node or on any descendant
         self.last_access = last_access
         self.dead = False  # set once evicted / dropped by reset
+        # Epoch at which this node's edge last lost pages to eviction: a `probe` that stopped
+        # inside it or at its end may no longer hold (`probe_holds`).
+        self.changed = 0
 
     def __repr__(self) -> str:
         return f"RadixNode(pages={self.pages}, ref={self.ref}, children={len(self.children)})"
@@ -158,33 +167,92 @@ class RadixCache:
             node, i = child, i + m
         return MatchResult(pages, len(pages) * ps, node)
 
+    def match_probed(self, num_tokens: int, where: tuple) -> MatchResult:
+        """match_prefix of the token ids a `probe` found num_tokens cached of, ending at `where`,
+        while `probe_holds` says that still stands: the same result, split and LRU refresh, from
+        the nodes above the match's end instead of comparing the tokens again."""
+        self._clock += 1
+        node, from_end = self._probe_end(where)
+        nodes = []
+        while node is not self.root:
+            nodes.append(node)
+            node = node.parent
+        nodes.reverse()
+        if from_end:  # the match ends inside the last node's edge: split there
+            nodes[-1] = self._split(nodes[-1], len(nodes[-1].pages) - from_end)
+        pages: list[int] = []
+        for x in nodes:
+            pages.extend(x.pages)
+            self._touch(x)
+        return MatchResult(pages, len(pages) * self.page_size, nodes[-1] if nodes else self.root)
+
     def match_len(self, token_ids: list[int]) -> int:
         """Tokens of the longest cached whole-page prefix of token_ids, without side effects.
 
         Unlike match_prefix it neither splits an edge nor refreshes LRU order, so schedulers can
         probe many waiting requests (to order them) without disturbing the tree.
         """
+        return self.probe(token_ids)[0]
+
+    def probe(self, token_ids: list[int]) -> tuple[int, tuple]:
+        """match_len, and where the match ended, for `probe_holds` and `match_probed`: (the deepest
+        node it entered (the root if none), that edge's pages past the match's end, the page
+        after the match (None: the match reached the end of token_ids))."""
         ps = self.page_size
         n = len(token_ids) // ps
-        node, i = self.root, 0
+        node, i, from_end = self.root, 0, 0
         while i < n:
             child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
             if child is None:
                 break
             m = self._common_pages(child, token_ids, i, n)
             i += m
-            if m < len(child.pages):
+            node, from_end = child, len(child.pages) - m
+            if from_end:
                 break
-            node = child
-        return i * ps
+        return i * ps, (node, from_end, tuple(token_ids[i * ps : (i + 1) * ps]) if i < n else None)
 
-    def insert(self, token_ids: list[int], pages: list[int]) -> InsertResult:
+    def probe_holds(self, stamp: int, where: tuple) -> bool:
+        """Whether a `probe` made when `stamp()` returned stamp, which ended at `where`, still gives
+        the same length (False: it may not). While the node lives, the path down to it is intact
+        (evict takes leaves only; a split keeps the node's content and where its edge ends, only
+        starting it lower), so the match can only change where it stopped: inside the edge only
+        if that lost pages to eviction (`changed`); at the end of an edge (the node's, or the
+        upper part's of a split made exactly there) if a child now starts with the next page."""
+        node, from_end, nxt = where
+        if self._reset_epoch > stamp or node.dead or node.changed > stamp:
+            return False
+        end = self._probe_end(where)
+        if end is None:
+            return False
+        node, from_end = end
+        return from_end > 0 or nxt is None or nxt not in node.children
+
+    def _probe_end(self, where: tuple) -> tuple[RadixNode, int] | None:
+        """(node, pages of its edge past the match's end) for a probe's `where` after the splits
+        made since; None when a split cut the edge above the match's end (rare: not worth following)."""
+        node, from_end, _ = where
+        if node is self.root or from_end < len(node.pages):
+            return node, from_end
+        if from_end == len(node.pages):  # split exactly where the match ended: the upper part ends there
+            return node.parent, 0
+        return None
+
+    def insert(
+        self, token_ids: list[int], pages: list[int], node: Optional[RadixNode] = None, node_pages: int = 0
+    ) -> InsertResult:
         """Cache `pages` as the K/V of `token_ids` (whole pages only).
 
         Returns the caller's pages for the already-cached part of the key: the caller still
         owns them and must free them. `InsertResult.pages` lists the tree's pages for the whole
         key (the caller's own where they were taken, the tree's where they were duplicates), and
         `InsertResult.node` spells the whole key: a caller that keeps reading those pages locks it.
+
+        node, node_pages: a node whose path spells token_ids[: node_pages * page_size] with
+        pages[:node_pages] as its pages, and that cannot have been evicted since the caller got
+        it (locked, or unlocked just now): the walk starts there instead of comparing those
+        tokens again (a request's matched prompt prefix, 1,024 tokens in the shared-prefix
+        workload, each time it hands pages to the tree). Same result and LRU order as from the root.
         """
         ps = self.page_size
         if len(token_ids) != len(pages) * ps:
@@ -194,9 +262,16 @@ class RadixCache:
             )
         n = len(pages)
         self._clock += 1
-        node, i = self.root, 0
+        i, path = 0, []
+        if node is None or node is self.root:
+            node = self.root
+        else:
+            i, path = node_pages, list(pages[:node_pages])
+            up = node
+            while up is not self.root:  # what the walk from the root would have refreshed
+                self._touch(up)
+                up = up.parent
         duplicates: list[int] = []
-        path: list[int] = []
         while i < n:
             first = tuple(token_ids[i * ps : (i + 1) * ps])
             child = node.children.get(first)
@@ -261,6 +336,7 @@ class RadixCache:
             if not self._evictable_leaf(node) or access != node.last_access:
                 continue  # stale entry
             self._changed(self._first_page(node))
+            node.changed = self._epoch
             keep = len(node.pages) - (num_pages - freed)
             if keep > 0:  # trim the tail; node stays an evictable leaf with the same access
                 ps = self.page_size
