@@ -167,8 +167,12 @@ def shared_prefix_decode_attention(
     different ways: the prefix pass is a few hundred matmul-bound programs, the own-keys pass
     thousands of short memory-bound ones, so run one after the other each leaves part of the
     machine idle. H200, Qwen2.5-0.5B heads, 1,024-key prefixes, one layer (thirteenth session):
-    1,024 rows 54.5 -> 48.9 us, 512 rows 44.4 -> 39.6, 256 rows 36.8 -> 32.0. Works under CUDA
-    graph capture (the fork and join become graph edges).
+    1,024 rows 54.5 -> 48.9 us, 512 rows 44.4 -> 39.6, 256 rows 36.8 -> 32.0. With the rotary
+    and K/V store as the engine runs them (fourteenth session) 63.8 -> 59.9 us at 1,024 rows
+    and 49.0 -> 44.0 at 512, but the passes barely overlap there (own keys 28.7 + prefix 27.3
+    + merge 3.7 = 59.7 us): both are latency-bound and compete for the SMs' program slots, so
+    what the second stream saves is mostly the gaps between launches. Works under CUDA graph
+    capture (the fork and join become graph edges).
     """
     check_launchable(_shared_prefix_kernel, q, k_cache, v_cache, page_table, seq_lens, out, *shared[:4], *(rope or ()))
     out, num_kv_splits = prepare_decode_call(q, k_cache, v_cache, page_table, seq_lens, num_kv_splits, out, rope)
