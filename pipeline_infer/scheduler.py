@@ -58,7 +58,10 @@ prompt, one prefills and the others reuse its pages one step later.
   ordered by their longest cached prefix, then first arrival; members by cached prefix, then
   arrival. So a group whose prefix is cached runs together while the prefix stays in the tree
   (instead of every group's prefix competing for the pool), and with in-flight sharing one
-  member of each uncached group prefills the prefix before its siblings follow. Then lengths
+  member of each uncached group prefills the prefix before its siblings follow. That first
+  member of a group with nothing cached (and others waiting) is tried before the order, within
+  a quarter of the step's budget (`_admit_leads`), so the prefixes of the groups that rank last
+  are cached by their turn instead of holding their siblings back at the end. Then lengths
   are packed: requests whose uncached prompt fits whole in the step's remaining token budget
   go first (looking up to `_PACK_LOOKAHEAD` requests past the first that does not), and one
   that would need chunking only takes what budget is left; a request that does not fit in
@@ -97,6 +100,9 @@ _PACK_LOOKAHEAD = 64
 # A shared in-flight prefix shorter than this is not worth a step's wait (unless it is all the
 # waiting request would compute from whole pages, as for the samples of one short prompt).
 _HOLD_MIN_TOKENS = 32
+# batch: the share of a step's token budget that first members of groups with nothing cached may
+# take before the order's cached groups (see `_admit_leads`).
+_LEAD_BUDGET_SHARE = 4
 
 
 def _group_rank(best_cached: int, last_admission: int) -> int:
@@ -360,6 +366,9 @@ class Scheduler:
         self._waiting_firsts: dict[tuple[int, ...], dict[int, Request]] = {}  # first page -> waiting reqs by id
         self._waiting_groups: dict[tuple[int, ...], dict[int, Request]] = {}  # group key -> waiting reqs by id
         self._last_group: tuple[int, ...] | None = None  # group of the last batch admission
+        # batch: the first waiting member of each group with nothing cached and others waiting,
+        # as of the last fresh order (`_batch_order`; `_admit_leads` skips the ones gone since).
+        self._leads: list[Request] = []
 
     # --- queue management --------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -579,11 +588,12 @@ class Scheduler:
         if self.allocator.num_free + self._evictable() - reserved < 1:
             return []  # every admission needs a page for at least its last prompt token
         cached: dict[int, int] = {}  # id(req) -> cached prefix length, probed once per step
-        admitted: list[Request] = []
+        order = self._ordered_waiting(cached)
+        admitted, budget, reserved = self._admit_leads(budget, reserved, cached)
         deferred: list[Request] = []  # batch: would need chunking; gets what budget is left
         misses = 0
         waiting = RequestStatus.WAITING
-        for req in self._ordered_waiting(cached):
+        for req in order:
             if budget <= 0 or len(self.running) >= self.max_running_requests:
                 break
             if req.status is not waiting:
@@ -619,6 +629,41 @@ class Scheduler:
             admitted.append(req)
             budget -= min(budget, req.num_tokens - req.num_computed)
         return admitted
+
+    def _admit_leads(self, budget: int, reserved: int, cached: dict[int, int]) -> tuple[list[Request], int, int]:
+        """batch: admit the first members of groups with nothing cached (`_leads`) ahead of the
+        order, within 1/_LEAD_BUDGET_SHARE of the step's budget; (admitted, budget, reserved) left.
+
+        The order puts groups with a cached prefix first, so a group whose prefix nobody has
+        computed yet waits until every cached group's members are in; its own members then wait
+        a step more for its first member's prefill to land in the tree (in-flight sharing), and
+        the job ends its admission with a step of a few stragglers beside the whole decode batch.
+        Started early, each such prefix is cached by the time its group's turn comes. Bounded by
+        a share of the budget, so cached groups keep most of each step (and their prefixes their
+        pages). Shared-prefix workload (32 groups of 32): the last two groups' first members came
+        in the seventh admission step, their 62 siblings in an eighth; with this, all 1,024 are
+        in after seven.
+        """
+        admitted: list[Request] = []
+        if not self._leads:
+            return admitted, budget, reserved
+        allowance = budget // _LEAD_BUDGET_SHARE
+        waiting = RequestStatus.WAITING
+        for req in self._leads:
+            if len(self.running) >= self.max_running_requests:
+                break
+            if req.status is not waiting or req.num_retractions or self._held(req, cached):
+                continue
+            if req.num_tokens - self._cached_len(req, cached) > allowance:
+                continue  # more than the share left: it keeps its place in the order
+            ok, reserved = self._try_admit(req, reserved)
+            if not ok:
+                break  # memory: the order decides what else fits
+            admitted.append(req)
+            spent = min(budget, req.num_tokens - req.num_computed)
+            budget -= spent
+            allowance -= spent
+        return admitted, budget, reserved
 
     def _try_admit(self, req: Request, reserved: int) -> tuple[bool, int]:
         """Admit req if memory allows (its pages allocated, its match locked); (admitted, reserved)."""
@@ -772,8 +817,9 @@ class Scheduler:
             return list(self.waiting)
         reused = self._reuse_order()
         if reused is not None:
-            return reused
+            return reused  # with its `_leads`
         if policy == "auto" and not any(r.batch_job for r in self.waiting):
+            self._leads = []
             return list(self.waiting)
         stamp = self.prefix_cache.stamp() if self.prefix_cache is not None else 0
         order = self._fresh_order(cached)
@@ -851,6 +897,7 @@ class Scheduler:
             k += 1
         resumed, window = head[:k], head[k:]
         rest = list(itertools.islice(self.waiting, _POLICY_WINDOW, None))
+        self._leads = []
         if policy == "lpm":
             for r in window:
                 self._cached_len(r, cached)
@@ -859,9 +906,12 @@ class Scheduler:
         elif policy == "batch":
             window = self._batch_order(window, cached)
         else:  # auto: single submissions first, in arrival order, then the batch jobs
-            window = [r for r in window if not r.batch_job] + self._batch_order(
-                [r for r in window if r.batch_job], cached
-            )
+            singles = [r for r in window if not r.batch_job]
+            window = singles + self._batch_order([r for r in window if r.batch_job], cached)
+            if singles:
+                self._leads = []  # nothing goes before single submissions
+        if resumed:
+            self._leads = []  # nor before resumed (retracted) requests
         return resumed + window + rest
 
     def _batch_order(self, reqs: list[Request], cached: dict[int, int]) -> list[Request]:
@@ -888,11 +938,15 @@ class Scheduler:
         # One int key (best, then recency) and a reverse sort, which Python keeps stable.
         ordered = sorted(groups, key=lambda k: _group_rank(best[k], recent.get(k, -1)), reverse=True)
         out: list[Request] = []
+        leads: list[Request] = []
         for key in ordered:
             g = groups[key]
             if len(g) > 1:
                 g.sort(key=lambda r: -cached[id(r)])
+                if best[key] == 0:
+                    leads.append(g[0])
             out.extend(g)
+        self._leads = leads
         return out
 
     def _cached_len(self, req: Request, memo: dict[int, int]) -> int:

@@ -449,6 +449,65 @@ def test_batch_groups_cached_members_together():
         assert runs == (3 if policy == "batch" else 9), (policy, order)
 
 
+@pytest.mark.parametrize("policy", ["batch", "fcfs"])
+def test_batch_starts_uncached_groups_early_within_a_share_of_the_budget(policy):
+    """Two groups with cached prefixes and many members, then two groups whose prefix nobody
+    computed yet, arriving last. batch admits each uncached group's first member whole ahead of
+    the cached groups' members while it fits in a quarter of the step's budget (one a step
+    here), so their siblings follow as soon as the prefixes land; fcfs keeps arrival order."""
+    rng = random.Random(8)
+    budget = 68 + 27 * 8  # one uncached prompt and 27 cached groups' suffixes fill a step exactly
+    alloc, cache, sched = radix_sched(
+        4, 4000, max_running_requests=128, chunked_prefill_size=budget, schedule_policy=policy
+    )
+    runner = FakeRunner(4)
+    cached = [rand_ids(rng, 64) for _ in range(2)]  # _GROUP_KEY_TOKENS: groups share 64 tokens
+    for g, p in enumerate(cached):
+        sched.add(req(f"warm{g}", p + [1], 1))
+    run_checked(sched, runner)
+    fresh = [rand_ids(rng, 64) for _ in range(2)]
+    reqs = [req(f"c{i % 2}-{i}", cached[i % 2] + rand_ids(rng, 8), 3) for i in range(40)]
+    reqs += [req(f"u{g}-{i}", fresh[g] + rand_ids(rng, 4), 3) for g in range(2) for i in range(3)]
+    for r in reqs:
+        sched.add(r)
+    steps: list[dict[str, int]] = []  # per step: rid -> prefill tokens
+    run_checked(sched, runner, on_step=lambda s, b: steps.append({c.req.rid: c.length for c in b.chunks if c.prefill}))
+    if policy == "batch":
+        assert {k: v for k, v in steps[0].items() if k[0] == "u"} == {"u0-0": 68}, steps[0]
+        assert sum(1 for k in steps[0] if k[0] == "c") == 27
+        # Then u0's siblings reuse its prefix; u1's first member (over the share left by the
+        # step's decodes) comes in the order's turn, in the same step.
+        assert steps[1]["u0-1"] == steps[1]["u0-2"] == 4 and steps[1]["u1-0"] == 68, steps[1]
+    else:
+        assert not any(k[0] == "u" and v == 68 for k, v in steps[0].items()), steps[0]
+    for g in range(2):
+        members = sorted(r.cached_tokens for r in reqs if r.rid.startswith(f"u{g}-"))
+        assert members == [0, 64, 64], (policy, g, members)
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 3), r.rid
+    assert alloc.num_free + cache.total_pages == alloc.capacity
+
+
+def test_uncached_groups_first_members_never_pass_single_submissions():
+    """Under auto a single submission still goes first: an uncached group's first member (a batch
+    job) that would fit in the early share waits behind it."""
+    rng = random.Random(9)
+    alloc, cache, sched = radix_sched(4, 4000, max_running_requests=64, chunked_prefill_size=272, schedule_policy="auto")
+    runner = FakeRunner(4)
+    prefix = rand_ids(rng, 64)
+    group = [req(f"u-{i}", prefix + rand_ids(rng, 4), 2) for i in range(3)]
+    for r in group:
+        r.batch_job = True
+    single = req("single", rand_ids(rng, 220), 2)
+    for r in [single] + group:
+        sched.add(r)
+    steps: list[dict[str, int]] = []
+    run_checked(sched, runner, on_step=lambda s, b: steps.append({c.req.rid: c.length for c in b.chunks if c.prefill}))
+    assert steps[0]["single"] == 220 and steps[0].get("u-0", 0) < 68, steps[0]
+    for r in [single] + group:
+        assert r.output_ids == expected_output(r.prompt_ids, 2), r.rid
+
+
 def test_batch_packs_whole_prompts_before_chunking():
     rng = random.Random(7)
     alloc, cache, sched = radix_sched(1, 4000, max_running_requests=8, chunked_prefill_size=100, schedule_policy="batch")
