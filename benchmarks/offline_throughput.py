@@ -11,7 +11,10 @@ ours re-run on the same subset for the ratio). Results append to --json; --plot 
 
 --breakdown also prints and saves (key "breakdown") where the engine's steps spent their time:
 device busy (forward + sample) vs host (schedule, batch build + plan, commit + outputs, other),
-overall and per step kind (decode / prefill / mixed), for the repeat with the median wall time.
+overall and per step kind (decode / prefill / mixed), for the repeat with the median wall time,
+and the device's idle time before the steps' work (on CUDA: the host work the device waited for).
+--steps-json PATH (with --breakdown) writes every step of every repeat (kind, batch size, tokens,
+times in ms, idle included) by workload: where in a run the time went, e.g. by batch size.
 
 Random bf16 weights on the real model shape (load_format="dummy"). Each request: ignore_eos,
 greedy, max_new_tokens = its output_len. Reports wall seconds from first submit to last
@@ -63,11 +66,12 @@ def make_workload(name: str, vocab: int, num_prompts: int | None, path: str = WO
     return reqs[:num_prompts] if num_prompts else reqs
 
 
-def run_ours(model_dir, reqs, repeats, breakdowns=None, engine_info=None, host_checks=None, **opts):
+def run_ours(model_dir, reqs, repeats, breakdowns=None, engine_info=None, host_checks=None, step_records=False, **opts):
     """Wall seconds of each repeat; with breakdowns (a list), each repeat's step timing is appended;
     with engine_info (a dict), it receives the engine's get_server_info() (its resolved settings);
     with host_checks (a list), measure_host() taken just before each repeat is appended (the
-    device machines' hosts have changed speed by 2x between one repeat and the next)."""
+    device machines' hosts have changed speed by 2x between one repeat and the next); with
+    step_records, each breakdown holds every step's record too ("step_records")."""
     from pipeline_infer import Engine
 
     ids = [p for p, _ in reqs]
@@ -88,7 +92,7 @@ def run_ours(model_dir, reqs, repeats, breakdowns=None, engine_info=None, host_c
             walls.append(time.perf_counter() - t)
             assert all(len(o["output_ids"]) == o_len for o, (_, o_len) in zip(outs, reqs))
             if breakdowns is not None:
-                breakdowns.append(llm.step_timing_summary(reset=True))
+                breakdowns.append(llm.step_timing_summary(reset=True, steps=step_records))
             llm.flush_cache()
     return walls
 
@@ -96,21 +100,22 @@ def run_ours(model_dir, reqs, repeats, breakdowns=None, engine_info=None, host_c
 def print_breakdown(b: dict, wall_s: float) -> None:
     """The step timing of one run (Engine.step_timing_summary()) as a small table."""
     print(f"  step breakdown: {b['steps']} steps, {b['wall_s']:.2f} s in steps of the run's {wall_s:.2f} s "
-          f"(span {b['span_s']:.2f} s); device = forward + sample (on CUDA the stream span), host = the rest of each step")
+          f"(span {b['span_s']:.2f} s); device = forward + sample (on CUDA the stream span), host = the rest of each step; "
+          f"idle = the device's idle time before the steps' work (CUDA)")
     print(f"  {'steps':<8} {'n':>6} {'wall s':>8} {'device s':>9} {'%':>5} {'host s':>8} {'%':>5} "
-          f"{'sched s':>8} {'build s':>8} {'post s':>7} {'other s':>8}   median ms: {'step':>7} {'device':>7} {'host':>7}")
+          f"{'sched s':>8} {'build s':>8} {'post s':>7} {'other s':>8} {'idle s':>7}   median ms: {'step':>7} {'device':>7} {'host':>7}")
     for name, k in [("all", b)] + list(b["by_kind"].items()):
         if not k["steps"]:
             continue
         print(f"  {name:<8} {k['steps']:>6} {k['wall_s']:>8.2f} {k['device_s']:>9.2f} {k['device_pct']:>5.1f} "
               f"{k['host_s']:>8.2f} {k['host_pct']:>5.1f} {k['schedule_s']:>8.2f} {k['build_s']:>8.2f} "
-              f"{k['post_s']:>7.2f} {k['other_host_s']:>8.2f}   {'':>10} {k['median_step_ms']:>7.2f} "
+              f"{k['post_s']:>7.2f} {k['other_host_s']:>8.2f} {k['idle_s']:>7.2f}   {'':>10} {k['median_step_ms']:>7.2f} "
               f"{k['median_device_ms']:>7.2f} {k['median_host_ms']:>7.2f}")
 
 
 def breakdown_totals(b: dict) -> dict:
     """One repeat's step timing cut to its totals by step kind (seconds, to the millisecond)."""
-    keys = ("steps", "wall_s", "device_s", "host_s", "schedule_s", "build_s", "post_s")
+    keys = ("steps", "wall_s", "device_s", "host_s", "schedule_s", "build_s", "post_s", "idle_s")
     out = {"span_s": round(b["span_s"], 3), "wall_s": round(b["wall_s"], 3)}
     out["by_kind"] = {kind: {k: round(v[k], 3) for k in keys} for kind, v in b["by_kind"].items() if v["steps"]}
     return out
@@ -277,6 +282,9 @@ def main():
                     help="Engine(admission_batch=N); 1 admits as soon as a slot frees (default: the engine's)")
     ap.add_argument("--breakdown", action="store_true",
                     help="per-step host vs device time (Engine(enable_step_timing=True)): print and save it")
+    ap.add_argument("--steps-json", default=None,
+                    help="with --breakdown: write every repeat's per-step records (kind, batch size, tokens, host "
+                         "phases, device time, the device's idle time before the step; ms) to this file")
     ap.add_argument("--json", default=None, help="append results (a JSON list) to this file")
     ap.add_argument("--plot", default=None, help="PNG of every result in --json")
     args = ap.parse_args()
@@ -325,6 +333,7 @@ def main():
     )
     shape = ModelShape.from_config(cfg)
     results = []
+    step_runs: dict = {}  # --steps-json
     for workload in args.workload.split(","):
         reqs = make_workload(workload, cfg["vocab_size"], args.num_prompts)
         r = {"model": os.path.basename(os.path.normpath(args.model)), "workload": workload, "config": config,
@@ -335,7 +344,13 @@ def main():
         breakdowns = [] if args.breakdown else None
         info: dict = {}
         host_checks: list = []
-        walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, engine_info=info, host_checks=host_checks, **opts)
+        walls = run_ours(tmp, reqs, args.repeats, breakdowns=breakdowns, engine_info=info, host_checks=host_checks,
+                         step_records=bool(args.steps_json), **opts)
+        if args.steps_json and breakdowns:
+            runs = [{"wall_s": round(w, 4), "steps": b.pop("step_records")} for w, b in zip(walls, breakdowns)]
+            step_runs[workload] = {"config": config, "repeats": runs}
+            with open(args.steps_json, "w") as f:  # every workload of the call so far, by name
+                json.dump(step_runs, f)
         r["host_python_runs"] = host_checks  # before each repeat, in the order of ours["walls"]
         r["max_running_requests"] = info["max_running_requests"]
         r["chunked_prefill_size"] = info["chunked_prefill_size"]

@@ -153,12 +153,14 @@ class Engine:
 
         self._core.call(flush)
 
-    def step_timing_summary(self, reset: bool = False) -> dict[str, Any]:
+    def step_timing_summary(self, reset: bool = False, steps: bool = False) -> dict[str, Any]:
         """Per-step host vs device time breakdown since the last reset (step_timing.py).
 
         Needs Engine(enable_step_timing=True). Totals in seconds, medians in ms, overall and
-        under "by_kind" for decode-only, prefill-only and mixed steps. reset=True starts a
-        new measurement after reading this one.
+        under "by_kind" for decode-only, prefill-only and mixed steps. steps=True adds every
+        step's own record under "step_records" (StepTimer.records: kind, batch size, tokens,
+        times in ms, the device's idle time before it included). reset=True starts a new
+        measurement after reading this one.
         """
         self._check_alive()
         timer = self._core.timer
@@ -167,6 +169,8 @@ class Engine:
 
         def read() -> dict[str, Any]:  # on the engine thread, between steps
             out = timer.summary()
+            if steps:
+                out["step_records"] = timer.records()
             if reset:
                 timer.reset()
             return out

@@ -12,6 +12,12 @@ One step of the engine loop, and what each field measures (perf_counter on the h
                CUDA-graph step also the copy into the graph's buffers
     post       Scheduler.commit (append, detokenize, stop checks, free   host
                pages) and the per-request output callbacks
+    idle       the device's idle time before the step's work: from the   device
+               previous recorded step's end event to this one's start
+               (CUDA only; 0 for the first step after a reset and on the
+               CPU). With the overlap schedule it is the host work the
+               device waited for; summed, what the host cost the run
+               between its first and last step.
 
 `device` is the time the device was busy with forward + sample. On CUDA it is a
 torch.cuda.Event pair recorded around them and read only after the step's own `tolist()`
@@ -42,7 +48,7 @@ import torch
 
 _perf = time.perf_counter
 KINDS = ("decode", "prefill", "mixed")
-_TIMES = ("start", "wall", "schedule", "build", "forward", "device", "post")
+_TIMES = ("start", "wall", "schedule", "build", "forward", "device", "post", "idle")
 
 
 class StepTimer:
@@ -55,8 +61,9 @@ class StepTimer:
         self.batch_size = array("l")
         self.tokens = array("l")
         self.times = {name: array("d") for name in _TIMES}  # seconds
-        self._pending: list[tuple[int, object, object]] = []  # (step index, start, end) CUDA events unread
+        self._pending: list[tuple[int, object, object, object]] = []  # (step, start, end, last step's end) unread
         self._events: list = []
+        self._last_end = None  # the last recorded step's end event (for the next step's idle time)
         self._synced = True
 
     # --- hooks, in the order one step calls them (engine thread only) -------------------
@@ -103,12 +110,14 @@ class StepTimer:
         t["build"].append(self._build)
         t["forward"].append(self._forward)
         t["post"].append(now - self._t)
+        t["idle"].append(0.0)  # filled in from the events below (CUDA)
         if not self.cuda:
             t["device"].append(self._forward)
             return
         t["device"].append(0.0)  # filled in from the events below
         if len(self._events) == 2:
-            self._pending.append((idx, *self._events))
+            self._pending.append((idx, *self._events, self._last_end))
+            self._last_end = self._events[1]
         self._events = []
         if self._synced:  # this step synced after recording every pending event: none waits
             self._read_pending(wait=False)
@@ -120,21 +129,35 @@ class StepTimer:
     def _read_pending(self, wait: bool) -> None:
         """Device times of the recorded steps; wait=False reads only those already finished (with
         the overlap schedule a step's sync is for the step before it)."""
-        dev = self.times["device"]
+        dev, idle = self.times["device"], self.times["idle"]
         left = []
-        for idx, start, end in self._pending:
+        for item in self._pending:
+            idx, start, end, last_end = item
             if wait:
                 end.synchronize()
             elif not end.query():
-                left.append((idx, start, end))
+                left.append(item)
                 continue
             dev[idx] = start.elapsed_time(end) / 1e3
+            if last_end is not None:  # done before start, which is done: the stream runs in order
+                idle[idx] = max(0.0, last_end.elapsed_time(start) / 1e3)
         self._pending = left
 
     # --- results ---------------------------------------------------------------------
     @property
     def num_steps(self) -> int:
         return len(self.kind)
+
+    def records(self) -> list[dict]:
+        """Every recorded step: its kind, batch size, tokens, and its times in ms (start: the
+        host clock's, for order and spacing)."""
+        self._read_pending(wait=True)
+        t = self.times
+        return [
+            {"kind": KINDS[self.kind[i]], "batch_size": self.batch_size[i], "tokens": self.tokens[i],
+             **{f"{f}_ms": round(t[f][i] * 1e3, 4) for f in _TIMES}}
+            for i in range(len(self.kind))
+        ]
 
     def summary(self) -> dict:
         """Totals (s), shares of the summed step wall time, medians (ms), overall and per step kind."""

@@ -76,11 +76,16 @@ def test_kinds_of_a_known_workload_and_reset(checkpoint):
         # 16-token chunk, then decoded.
         before = llm.get_server_info()["num_steps"]
         llm.generate(input_ids=_prompts(3, 8, 2, 2), sampling_params={"temperature": 0, "max_new_tokens": 6})
-        s = llm.step_timing_summary()
+        s = llm.step_timing_summary(steps=True)
         assert s["steps"] == llm.get_server_info()["num_steps"] - before == 6
         assert s["by_kind"]["prefill"]["steps"] == 1 and s["by_kind"]["decode"]["steps"] == 5
         assert s["by_kind"]["decode"]["mean_batch_size"] == 8
         assert s["median_step_ms"] > 0 and s["median_device_ms"] > 0
+        # The step records agree with the totals; on the CPU the device is the host: never idle.
+        recs = s["step_records"]
+        assert [(r["kind"], r["batch_size"], r["tokens"]) for r in recs] == [("prefill", 8, 16)] + [("decode", 8, 8)] * 5
+        assert sum(r["wall_ms"] for r in recs) / 1e3 == pytest.approx(s["wall_s"], abs=TOL_S)
+        assert s["idle_s"] == 0 and all(r["idle_ms"] == 0 for r in recs)
 
 
 def test_off_by_default(checkpoint):
@@ -96,8 +101,11 @@ class _HostEvent:
     def __init__(self, enable_timing: bool = False):
         self.t = None
 
+    recorded: list["_HostEvent"] = []  # every record(), in order
+
     def record(self):
         self.t = time.perf_counter()
+        _HostEvent.recorded.append(self)
 
     def synchronize(self):
         pass
@@ -121,10 +129,24 @@ def test_cuda_event_bookkeeping(checkpoint, monkeypatch):
             return list(timer.times["device"]), list(timer.times["forward"]), list(timer._pending)
 
         # Two non-sampling prefill chunks (no sync: their events wait), then a sampling one.
+        _HostEvent.recorded.clear()
         llm.generate(input_ids=_prompts(4, 1, 40, 40), sampling_params={"temperature": 0, "max_new_tokens": 3})
         device, forward, pending = llm._core.call(dev_and_fwd)
         assert len(device) == 5 and not pending  # the last step synced: everything read
         assert all(0 < d <= f for d, f in zip(device, forward))
-        s = llm.step_timing_summary()
+        s = llm.step_timing_summary(steps=True)
         assert s["steps"] == 5 and 0 < s["device_s"] <= s["forward_s"]
         _check_parts(s)
+        # Idle time: from each step's end event to the next one's start event (the host clock
+        # here), none before the first step after a reset; each step's record carries it.
+        recs = s["step_records"]
+        assert len(recs) == 5 and recs[0]["idle_ms"] == 0
+        assert all(r["idle_ms"] > 0 for r in recs[1:]), recs
+        assert sum(r["idle_ms"] for r in recs) / 1e3 == pytest.approx(s["idle_s"], abs=TOL_S)
+        # Each step records its start event, then its end event: idle is the time between the
+        # last step's end and this one's start.
+        ev = _HostEvent.recorded
+        assert len(ev) == 10
+        for i in range(1, 5):
+            assert recs[i]["idle_ms"] == pytest.approx((ev[2 * i].t - ev[2 * i - 1].t) * 1e3, abs=1e-3)
+        assert [r["kind"] for r in recs] == ["prefill"] * 3 + ["decode"] * 2
