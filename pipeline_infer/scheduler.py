@@ -639,10 +639,11 @@ class Scheduler:
         a step more for its first member's prefill to land in the tree (in-flight sharing), and
         the job ends its admission with a step of a few stragglers beside the whole decode batch.
         Started early, each such prefix is cached by the time its group's turn comes. Bounded by
-        a share of the budget, so cached groups keep most of each step (and their prefixes their
-        pages). Shared-prefix workload (32 groups of 32): the last two groups' first members came
-        in the seventh admission step, their 62 siblings in an eighth; with this, all 1,024 are
-        in after seven.
+        a share of the budget, so the cached groups keep most of each step, and new prefixes take
+        pages from the pool (or from the tree's least recently used) a few at a time.
+        Shared-prefix workload (32 groups of 32): the last two groups' first members came in the
+        seventh admission step, their 62 siblings in an eighth; with this, all 1,024 are in
+        after seven.
         """
         admitted: list[Request] = []
         if not self._leads:

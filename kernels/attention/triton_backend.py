@@ -47,6 +47,7 @@ from pipeline_infer.layers.rotary import RotaryEmbedding
 # session).
 GRAPH_MAX_PREFIX_SPLITS = 4
 
+
 @dataclass
 class TritonAttentionMetadata:
     is_decode: bool
