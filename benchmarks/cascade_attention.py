@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
+from linear_kernels import graph_time_us as _graph_time_us  # benchmarks/, next to this file
 
 from pipeline_infer.kernels.attention.triton_backend import GRAPH_MAX_PREFIX_SPLITS
 from pipeline_infer.kernels.triton.decode_attention import (
@@ -53,6 +53,11 @@ from pipeline_infer.kernels.triton.shared_prefix_attention import (
     shared_prefix_decode_attention,
 )
 from pipeline_infer.shared_prefix import SharedPrefixFinder
+
+
+def graph_time_us(fn) -> float:
+    """Device us per fn() inside a CUDA graph of 20 calls, median of 15 replays."""
+    return _graph_time_us(fn, calls=20, repeats=15)
 
 PAGE_SIZE = 16
 DEFAULT_SHAPES = "32x32:40-200,32x32:150-400,32x16:40-200,32x8:150-400,32x27:150-400+160,8x8:150-400"
@@ -117,25 +122,6 @@ def make_layer(groups, rows, own_lo, own_hi, ungrouped, prefix, hq, hkv, d, gen,
     rows_dev = torch.tensor(order + [0] * (batch - len(order)), dtype=torch.int32)
     return q, k_cache, v_cache, table, seq_lens, rope, (torch.tensor(kv_starts, dtype=torch.int32).to(device),
                                                          rows_dev.to(device), item_table.to(device), num_items.to(device))
-
-
-def graph_time_us(fn, calls: int = 20, replays: int = 15) -> float:
-    """Device time per call of fn inside a CUDA graph of `calls` calls, median of `replays`."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def measure(shape, prefix, hq, hkv, d, device) -> dict:
