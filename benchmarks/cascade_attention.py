@@ -55,12 +55,13 @@ from pipeline_infer.kernels.triton.shared_prefix_attention import (
 from pipeline_infer.shared_prefix import SharedPrefixFinder
 
 
+PAGE_SIZE = 16
+DEFAULT_SHAPES = "32x32:40-200,32x32:150-400,32x16:40-200,32x8:150-400,32x27:150-400+160,8x8:150-400"
+
+
 def graph_time_us(fn) -> float:
     """Device us per fn() inside a CUDA graph of 20 calls, median of 15 replays."""
     return _graph_time_us(fn, calls=20, repeats=15)
-
-PAGE_SIZE = 16
-DEFAULT_SHAPES = "32x32:40-200,32x32:150-400,32x16:40-200,32x8:150-400,32x27:150-400+160,8x8:150-400"
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int, int]:
@@ -79,18 +80,10 @@ def make_layer(groups, rows, own_lo, own_hi, ungrouped, prefix, hq, hkv, d, gen,
     prefix_pages = prefix // PAGE_SIZE
     width = prefix_pages + -(-own_hi // PAGE_SIZE) + 1
     table = torch.zeros(batch, width, dtype=torch.int32)
-    per_item = rows_per_item(hq, hkv)
-    kv_starts, order, items, nxt = [0] * batch, [], [], 1  # page 0 stays unused, as the pool's scratch
-    for g in range(groups):
-        pages = torch.arange(nxt, nxt + prefix_pages, dtype=torch.int32)
+    nxt = 1  # page 0 stays unused, as the pool's scratch
+    for g in range(groups):  # a group's rows share its prefix pages
+        table[g * rows : (g + 1) * rows, :prefix_pages] = torch.arange(nxt, nxt + prefix_pages, dtype=torch.int32)
         nxt += prefix_pages
-        first = g * rows
-        for i in range(0, rows, per_item):
-            items += [len(order) + i, min(per_item, rows - i), prefix, first]
-        for b in range(first, first + rows):
-            table[b, :prefix_pages] = pages
-            kv_starts[b] = prefix
-            order.append(b)
     for b in range(groups * rows, batch):  # in no group: a prefix of its own, read by the own-keys pass
         table[b, :prefix_pages] = torch.arange(nxt, nxt + prefix_pages, dtype=torch.int32)
         nxt += prefix_pages
@@ -112,16 +105,24 @@ def make_layer(groups, rows, own_lo, own_hi, ungrouped, prefix, hq, hkv, d, gen,
         slots,
     )
     q = torch.randn(batch, hq, d, generator=gen).to(device, torch.bfloat16)
-    # The grid as the engine's decode graph of `batch` rows sizes it (groups of 8 rows or more),
-    # or larger when this shape has smaller groups than the engine would plan.
-    grid_items = max(len(items) // ITEM_FIELDS, SharedPrefixFinder(PAGE_SIZE, per_item, 64, min_group_rows=8).max_items(batch))
+    # The work list as the engine lays it out (SharedPrefixFinder._layout), in a grid sized as
+    # the engine's decode graph of `batch` rows sizes it (groups of 8 rows or more), or larger
+    # when this shape has smaller groups than the engine would plan.
+    finder = SharedPrefixFinder(PAGE_SIZE, rows_per_item(hq, hkv), max_groups=64, min_saving=0.0, min_group_rows=8)
+    groups_rows = [(0, list(range(g * rows, (g + 1) * rows)), prefix) for g in range(groups)]
+    plan = finder._layout(batch, groups_rows, seq_lens.tolist())
+    kv_starts, order, items = (plan.kv_starts, plan.rows, plan.items) if plan is not None else ([0] * batch, [], [])
+    grid_items = max(len(items) // ITEM_FIELDS, finder.max_items(batch))
     item_table = torch.zeros(grid_items, ITEM_FIELDS, dtype=torch.int32)
     if items:
         item_table[: len(items) // ITEM_FIELDS] = torch.tensor(items, dtype=torch.int32).view(-1, ITEM_FIELDS)
-    num_items = torch.tensor([len(items) // ITEM_FIELDS], dtype=torch.int32)
-    rows_dev = torch.tensor(order + [0] * (batch - len(order)), dtype=torch.int32)
-    return q, k_cache, v_cache, table, seq_lens, rope, (torch.tensor(kv_starts, dtype=torch.int32).to(device),
-                                                         rows_dev.to(device), item_table.to(device), num_items.to(device))
+    shared_ints = (
+        torch.tensor(kv_starts, dtype=torch.int32),
+        torch.tensor(order + [0] * (batch - len(order)), dtype=torch.int32),
+        item_table,
+        torch.tensor([len(items) // ITEM_FIELDS], dtype=torch.int32),
+    )
+    return q, k_cache, v_cache, table, seq_lens, rope, tuple(t.to(device) for t in shared_ints)
 
 
 def measure(shape, prefix, hq, hkv, d, device) -> dict:

@@ -62,8 +62,8 @@ class SharedPrefixFinder:
         """rows_per_item: rows one kernel entry serves; max_groups bounds the work list (graph
         buffers are sized by it); a plan is made only when it saves at least min_saving of the
         step's key reads; a group joins it only with at least min_group_rows rows (the model
-        runner asks for a full entry: a part-empty entry's pass costs about what a full one
-        does, more than the reads a few rows save; see ModelRunner)."""
+        runner asks for 8: a smaller group's prefix pass, a whole tile of rows computed for a
+        few, costs more than the reads it saves; see ModelRunner)."""
         if rows_per_item < 1 or max_groups < 1 or min_group_rows < 2:
             raise ValueError(
                 f"rows_per_item ({rows_per_item}) and max_groups ({max_groups}) must be >= 1, "
