@@ -10,7 +10,7 @@ per call, median of 15 replays):
 - prefix:  the prefix pass (shared_prefix_attention._launch_prefix)
 - merge:   the merge of both passes' partial results
 - one stream / side stream: the whole cascade, the prefix pass after the own-keys pass or beside
-  it on a second stream (the engine's default)
+  it on a second stream (the engine's default; launched first or second as prefix_pass_first says)
 - plain:   decode_attention over each row's whole sequence, at 1, 2 and 4 splits
 
 The cascade's output is checked against plain decode attention before timing. The prefix
@@ -108,7 +108,7 @@ def make_layer(groups, rows, own_lo, own_hi, ungrouped, prefix, hq, hkv, d, gen,
     # The work list as the engine lays it out (SharedPrefixFinder._layout), in a grid sized as
     # the engine's decode graph of `batch` rows sizes it (groups of 8 rows or more), or larger
     # when this shape has smaller groups than the engine would plan.
-    finder = SharedPrefixFinder(PAGE_SIZE, rows_per_item(hq, hkv), max_groups=64, min_saving=0.0, min_group_rows=8)
+    finder = SharedPrefixFinder(PAGE_SIZE, rows_per_item(hq, hkv, d), max_groups=64, min_saving=0.0, min_group_rows=8)
     groups_rows = [(0, list(range(g * rows, (g + 1) * rows)), prefix) for g in range(groups)]
     plan = finder._layout(batch, groups_rows, seq_lens.tolist())
     kv_starts, order, items = (plan.kv_starts, plan.rows, plan.items) if plan is not None else ([0] * batch, [], [])
@@ -132,7 +132,7 @@ def measure(shape, prefix, hq, hkv, d, device) -> dict:
         groups, rows, lo, hi, ungrouped, prefix, hq, hkv, d, gen, device
     )
     batch, sms = q.shape[0], device_num_sms(device)
-    splits = min(GRAPH_MAX_PREFIX_SPLITS, choose_prefix_splits(max(1, batch // rows_per_item(hq, hkv)), hkv, 32768, sms))
+    splits = min(GRAPH_MAX_PREFIX_SPLITS, choose_prefix_splits(max(1, batch // rows_per_item(hq, hkv, d)), hkv, 32768, sms))
     shared = SharedPrefix(*shared_ints, splits)
     own_splits = choose_num_kv_splits(batch, hkv, 32768, sms)
     scale = d**-0.5

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from pipeline_infer.kernels import reference as ref  # noqa: E402
 from pipeline_infer.kernels.triton import decode_attention as decode_module  # noqa: E402
+from pipeline_infer.kernels.triton import shared_prefix_attention as shared_module  # noqa: E402
 from pipeline_infer.kernels.triton.decode_attention import DecodeRope, decode_attention  # noqa: E402
 from pipeline_infer.kernels.triton.launch import is_interpreted  # noqa: E402
 from pipeline_infer.kernels.triton.shared_prefix_attention import (  # noqa: E402
@@ -90,7 +91,7 @@ def _shared_tensors(plan, num_rows: int, num_splits: int, spare_items: int = 0) 
 def test_shared_prefix_matches_attention_over_whole_sequences(page_size, group, hkv, head_dim) -> None:
     ps = page_size
     # Two sharing groups (one with more rows than one kernel entry takes), one row alone.
-    per_item = rows_per_item(group * hkv, hkv)
+    per_item = rows_per_item(group * hkv, hkv, head_dim)
     big = per_item + 3
     groups = [(48 // ps + 1, [5 + i % 7 for i in range(big)]), (32 // ps, [1, 17, 40]), (64 // ps, [9])]
     k_cache, v_cache, table, lens, reqs = _grouped_case(page_size * 31 + group, groups, ps, hkv, head_dim)
@@ -128,7 +129,7 @@ def test_shared_prefix_with_rotary_and_kv_store_matches_the_decode_kernel() -> N
     rope = DecodeRope(k_new, v_new, seq_lens.long() - 1, rotary.cos_sin_cache, slots)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     expected = decode_attention(q, k_ref, v_ref, table, seq_lens, 0.125, 2, rope=rope)
-    plan = SharedPrefixFinder(ps, rows_per_item(group * hkv, hkv), max_groups=4, min_saving=0.0).plan(reqs, lens)
+    plan = SharedPrefixFinder(ps, rows_per_item(group * hkv, hkv, head_dim), max_groups=4, min_saving=0.0).plan(reqs, lens)
     out = shared_prefix_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, _shared_tensors(plan, b, 2), 1, rope=rope)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_cache, k_ref, equal_nan=True, rtol=0, atol=0)
@@ -262,13 +263,16 @@ def test_common_prefix_len() -> None:
 
 
 @pytest.mark.gpu
-def test_prefix_pass_on_a_side_stream_matches_one_stream_eagerly_and_in_a_graph() -> None:
-    """The prefix pass on a second stream (the backend's default) gives the one-stream result.
+@pytest.mark.parametrize("prefix_first", [False, True])
+def test_prefix_pass_on_a_side_stream_matches_one_stream_eagerly_and_in_a_graph(monkeypatch, prefix_first) -> None:
+    """The prefix pass on a second stream (the backend's default) gives the one-stream result,
+    launched before or after the own-keys pass (prefix_pass_first).
 
     Large enough that the two passes' programs are resident together; with rotary and the K/V
     store, so the own-keys pass writes the cache while the prefix pass reads it. Inside a CUDA
     graph the fork and join must be captured, or replay would merge before the prefix pass ends.
     """
+    monkeypatch.setattr(shared_module, "prefix_pass_first", lambda head_dim, rows: prefix_first)
     ps, hkv, group, head_dim = 16, 2, 7, 64
     groups = [(64, [40 + (7 * i) % 90 for i in range(48)]) for _ in range(6)]
     k_cache, v_cache, table, lens, reqs = _grouped_case(21, groups, ps, hkv, head_dim, dtype=torch.bfloat16)
@@ -281,7 +285,7 @@ def test_prefix_pass_on_a_side_stream_matches_one_stream_eagerly_and_in_a_graph(
     rotary = RotaryEmbedding(head_dim, head_dim, 4096, {"rope_type": "default", "rope_theta": 1e4}).to(DEVICE)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     rope = DecodeRope(k_new, v_new, seq_lens.long() - 1, rotary.cos_sin_cache, slots)
-    plan = SharedPrefixFinder(ps, rows_per_item(group * hkv, hkv), max_groups=8, min_saving=0.0).plan(reqs, lens)
+    plan = SharedPrefixFinder(ps, rows_per_item(group * hkv, hkv, head_dim), max_groups=8, min_saving=0.0).plan(reqs, lens)
     shared = _shared_tensors(plan, b, 2)
     expected = decode_attention(q, k_cache.clone(), v_cache.clone(), table, seq_lens, 0.125, 1, rope=rope)
     one_stream = shared_prefix_decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125, shared, 1, rope=rope)

@@ -98,7 +98,7 @@ class TritonAttentionBackend:
         self._num_sms = num_sms if num_sms is not None else device_num_sms(kv_pool.device)
         # Decode rows sharing a prefix are attended to it together, this many a program
         # (shared_prefix_attention.py); the model runner groups them (pipeline_infer/shared_prefix.py).
-        self.shared_prefix_rows = rows_per_item(num_q_heads, num_kv_heads)
+        self.shared_prefix_rows = rows_per_item(num_q_heads, num_kv_heads, head_dim)
         # Cascade decode runs its prefix pass on a second stream, beside the own-keys pass
         # (shared_prefix_decode_attention's side_stream). One stream for every layer: each
         # layer's fork waits for the previous work of the current stream, so they stay in order.

@@ -11,7 +11,7 @@ decode-sized ones). Each row's keys after the prefix go through the split decode
 then combines the row's partial softmaxes by their log-sum-exps, as it combines splits.
 
 The work list (`SharedPrefix.items`) has one entry per ROWS rows of one group: a group of 32
-rows at ROWS = 16 reads its prefix twice a step instead of 32 times. Entries past
+rows at ROWS = 8 reads its prefix 4 times a step instead of 32. Entries past
 `num_items` are not run, so CUDA graphs capture the grid once for the largest list.
 """
 
@@ -38,8 +38,11 @@ from pipeline_infer.kernels.triton.launch import check_dtype, check_launchable, 
 from pipeline_infer.kernels.triton.paged_block import attend_paged_range, dot_operand
 
 # Query rows of one program: ROWS sequences x BLOCK_H heads. 128 keeps the fp32 accumulator of
-# a head_dim 128 tile in registers at 8 warps.
+# a head_dim 128 tile in registers at 8 warps. At head_dim <= 64 the tile is 64 rows: such a
+# program needs few enough registers to share an SM with the own-keys pass's programs, so the
+# two passes overlap (see shared_prefix_decode_attention).
 TILE_ROWS = 128
+SMALL_HEAD_TILE_ROWS = 64
 MAX_PREFIX_SPLITS = 16
 ITEM_FIELDS = 4  # first index into rows, number of rows, prefix length, batch row holding the prefix pages
 
@@ -54,9 +57,10 @@ class SharedPrefix(NamedTuple):
     num_splits: int  # splits of each prefix (programs per entry and kv head)
 
 
-def rows_per_item(num_q_heads: int, num_kv_heads: int) -> int:
+def rows_per_item(num_q_heads: int, num_kv_heads: int, head_dim: int) -> int:
     """Sequences one program attends to its prefix at once."""
-    return max(1, TILE_ROWS // max(1, next_power_of_2(num_q_heads // num_kv_heads)))
+    tile = SMALL_HEAD_TILE_ROWS if head_dim <= 64 else TILE_ROWS
+    return max(1, tile // max(1, next_power_of_2(num_q_heads // num_kv_heads)))
 
 
 def own_keys_warps(head_dim: int) -> int | None:
@@ -161,7 +165,8 @@ def shared_prefix_decode_attention(
     same pages as the entry's table row. Rows with kv_starts 0 attend as in decode_attention.
 
     With side_stream (a CUDA stream other than the current one), the prefix pass runs on it,
-    concurrently with the own-keys pass, and the current stream waits for it before the merge.
+    concurrently with the own-keys pass (launched first or second: `prefix_pass_first`), and the
+    current stream waits for it before the merge.
     The two passes write different slots and read nothing the other writes (the own-keys pass
     stores the new token's K/V, which lies past every prefix), and they load the GPU in
     different ways: the prefix pass is a few hundred matmul-bound programs, the own-keys pass
@@ -183,21 +188,57 @@ def shared_prefix_decode_attention(
     slots = num_kv_splits + shared.num_splits
     part, lse = split_buffers(q, slots)
     main = torch.cuda.current_stream(q.device) if side_stream is not None else None
-    if main is not None:
-        side_stream.wait_stream(main)  # the fork: the prefix pass may start once q is ready
-    launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, part, lse, num_kv_splits, rope,
-                        kv_starts=shared.kv_starts, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
+    def own_keys() -> None:
+        launch_decode_split(q, k_cache, v_cache, page_table, seq_lens, scale, part, lse, num_kv_splits, rope,
+                            kv_starts=shared.kv_starts, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+
     if main is None:
+        own_keys()
         _launch_prefix(q, k_cache, v_cache, page_table, scale, shared, part, lse, num_kv_splits, rope)
     else:
-        # Launched after the own-keys pass, whose many short programs then take the SMs first and
-        # the prefix pass's fill in as they finish; the other order measured slower (H200,
-        # 1,024 rows: 52.5 against 48.9 us a layer, sequential 54.5).
+        side_stream.wait_stream(main)  # the fork: the prefix pass may start once q is ready
+        prefix_first = prefix_pass_first(q.shape[2], q.shape[0])
+        if not prefix_first:
+            own_keys()
         with torch.cuda.stream(side_stream):
             _launch_prefix(q, k_cache, v_cache, page_table, scale, shared, part, lse, num_kv_splits, rope)
+        if prefix_first:
+            own_keys()
         main.wait_stream(side_stream)  # the join, before the merge reads both passes' slots
     launch_decode_merge(part, lse, out, slots, kv_starts=shared.kv_starts, num_own_splits=num_kv_splits)
     return out
+
+
+# Rows from which the side stream's prefix pass goes first at head_dim <= 64 (prefix_pass_first).
+PREFIX_FIRST_MIN_ROWS = 512
+
+
+def prefix_pass_first(head_dim: int, rows: int) -> bool:
+    """Whether the side stream's prefix pass is launched before the own-keys pass.
+
+    Whichever pass is launched first takes the SMs; the other's programs fill in where registers
+    are left. A 128-row prefix tile (head_dim > 64 now) needs most of an SM's registers, so the
+    own-keys pass's many short programs go first and the prefix pass's follow as they finish
+    (H200, head_dim 64 when its tile was 128 rows, 1,024 rows: 48.9 against 52.5 us a layer the
+    other way round, thirteenth session). The 64-row tile of head_dim <= 64 leaves room beside
+    it: from 512 rows, where each of its programs reads 512-1,024 prefix keys, launched first it
+    starts its few long programs at once and the own-keys programs run alongside. Below that
+    (2-4 prefix splits of short ranges) and where many rows read long own ranges the own-keys
+    pass first is better. H200, Qwen2.5-0.5B heads, 1,024-key prefixes, one layer with rotary
+    and K/V store, us, 8-row entries with the prefix pass first / second, and the 16-row entries
+    launched second of before (fifteenth session; GROUPSxROWS:OWN KEYS[+ROWS IN NO GROUP]):
+
+        32x32:40-200   52.4 / 63.2, before 60.2     32x16:40-200        32.6 / 37.5, before 44.1
+        32x32:150-400  72.4 / 81.8, before 80.4     32x8:150-400        32.4 / 28.8, before 36.8
+        64x16:40-200   53.3 / 64.1, before 60.7     8x8:150-400         13.3 / 13.4, before 16.3
+        16x32:40-200+512  109.3 / 114.2, 114.3      16x8:40-200+128     59.6 / 53.8, before 54.2
+        8x16:100-300+896  154.0 / 150.9, 165.5      32x27:150-400+160  109.0 / 97.3, before 100.7
+
+    (The last: 160 ungrouped rows reading ~1,300 keys each start behind the prefix pass; the one
+    shape measured slower than before, by 8%.)
+    """
+    return head_dim <= 64 and rows >= PREFIX_FIRST_MIN_ROWS
 
 
 def _launch_prefix(q, k_cache, v_cache, page_table, scale, shared: SharedPrefix, part, lse, first_slot, rope) -> None:
@@ -205,7 +246,7 @@ def _launch_prefix(q, k_cache, v_cache, page_table, scale, shared: SharedPrefix,
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     block_h = next_power_of_2(group)
-    rows = rows_per_item(num_q_heads, num_kv_heads)
+    rows = rows_per_item(num_q_heads, num_kv_heads, head_dim)
     block_d = next_power_of_2(head_dim)
     if rope is None:
         pos, cos_sin, stride_cs, half = shared.kv_starts, q, 0, 0  # unused
@@ -222,13 +263,14 @@ def _launch_prefix(q, k_cache, v_cache, page_table, scale, shared: SharedPrefix,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         pos, cos_sin, stride_cs,
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_H=block_h, ROWS=rows,
-        # Launch settings: best of 144 (rows per entry 8/16/32, BLOCK_N 32-128, 4/8 warps, 1-3
-        # stages, 1-4 splits) on an H200 at 1,024 and 512 rows x a 1,024-key prefix, d64
-        # (19.9 and 12.5 us a layer; docs/benchmarks.md, thirteenth session).
+        # Launch settings at head_dim 64: best of 153 (rows per entry 8/16/32, BLOCK_N 32-128, 4/8
+        # warps, 1-3 stages, 1/2/4 splits) by the whole cascade's time with the passes on two
+        # streams, H200, 1,024 and 512 rows x a 1,024-key prefix (fifteenth session; the
+        # thirteenth's sweep of the pass alone had picked 16 rows and 2 stages).
         BLOCK_D=block_d, BLOCK_N=64 if head_dim <= 64 else 32,
         DOT_FP32=k_cache.dtype == torch.float32 or is_interpreted(_shared_prefix_kernel),
         FUSE_ROPE=rope is not None, HALF=half,
-        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+        num_warps=4 if block_d <= 64 else 8, num_stages=3 if block_d <= 64 else 2,
     )
 
 
