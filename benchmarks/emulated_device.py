@@ -13,7 +13,7 @@ prefills 1.5 ms + 1.6 us a prompt token + 10 us a decode row (15 x 1,092 tokens:
 --scale multiplies it: the GPU machines' hosts run Python 1.3-3x slower than a 2-core CI-like
 CPU, so --scale 0.5 shows this machine as such a host would be against an H200.
 
-    python benchmarks/emulated_device.py [--workload shared-prefix] [--scale 0.5] [--repeats 5]
+    python benchmarks/emulated_device.py [--workload shared-prefix] [--scale 0.5] [--repeats 5] [--num-scheduler-steps 4]
         [--disable-radix-cache] [--disable-cascade-attn]
 """
 
@@ -40,8 +40,8 @@ VOCAB = 151_936  # Qwen2.5's: the workloads draw ids from it; the stub model nev
 
 def device_seconds(batch, scale: float) -> float:
     """The H200's time for one step of the Qwen2.5-0.5B shape (see the module doc)."""
-    if batch.decode_reqs is not None:
-        return (0.9e-3 + 2.85e-6 * len(batch.decode_reqs)) * scale
+    if batch.decode_reqs is not None:  # a decode window runs num_steps such steps
+        return (0.9e-3 + 2.85e-6 * len(batch.decode_reqs)) * scale * batch.num_steps
     prefill = sum(c.length for c in batch.chunks if c.prefill)
     decodes = sum(1 for c in batch.chunks if not c.prefill)
     return (1.5e-3 + 1.6e-6 * prefill + 10e-6 * decodes) * scale
@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--disable-cascade-attn", action="store_true")
+    ap.add_argument("--num-scheduler-steps", type=int, default=1,
+                    help="Engine(num_scheduler_steps=N): decode steps a window runs (the GPU's default is 4)")
     args = ap.parse_args()
     os.environ["TRITON_INTERPRET"] = "1"  # lets the engine build a Triton backend on the CPU (no kernel runs)
     torch.set_num_threads(1)
@@ -94,7 +96,7 @@ def main() -> None:
     llm = Engine(model_dir, load_format="dummy", device="cpu", random_seed=0, enable_step_timing=True,
                  attention_backend="triton", page_size=16, max_running_requests=1024, chunked_prefill_size=16384,
                  disable_overlap_schedule=False, disable_radix_cache=args.disable_radix_cache,
-                 enable_cascade_attn=not args.disable_cascade_attn)
+                 enable_cascade_attn=not args.disable_cascade_attn, num_scheduler_steps=args.num_scheduler_steps)
     device = emulate(llm._runner, args.scale)
     llm.generate(input_ids=ids[:8], sampling_params=params[:8])  # warm-up, as the GPU harness does
     llm.flush_cache()

@@ -280,6 +280,9 @@ def main():
                     help="prefill tokens per step (the engine's default: 16384 on a GPU of >= 70 GiB, else 8192)")
     ap.add_argument("--admission-batch", type=int, default=None,
                     help="Engine(admission_batch=N); 1 admits as soon as a slot frees (default: the engine's)")
+    ap.add_argument("--num-scheduler-steps", type=int, default=None,
+                    help="Engine(num_scheduler_steps=N): decode steps a window runs from one schedule; 1: every "
+                         "step scheduled (default: the engine's)")
     ap.add_argument("--breakdown", action="store_true",
                     help="per-step host vs device time (Engine(enable_step_timing=True)): print and save it")
     ap.add_argument("--steps-json", default=None,
@@ -313,6 +316,8 @@ def main():
         opts["max_running_requests"] = args.max_running_requests
     if args.admission_batch:
         opts["admission_batch"] = args.admission_batch
+    if args.num_scheduler_steps:
+        opts["num_scheduler_steps"] = args.num_scheduler_steps
     if args.chunked_prefill_size:
         opts["chunked_prefill_size"] = args.chunked_prefill_size
     if args.disable_overlap_schedule:
@@ -326,6 +331,7 @@ def main():
         + (["no-radix"] if args.disable_radix_cache else [])
         + (["no-mixed"] if args.no_mixed_chunk else [])
         + ([f"admit{args.admission_batch}"] if args.admission_batch else [])
+        + ([f"steps{args.num_scheduler_steps}"] if args.num_scheduler_steps else [])
         + ([f"chunk{args.chunked_prefill_size}"] if args.chunked_prefill_size else [])
         + (["no-overlap"] if args.disable_overlap_schedule else [])
         + (["no-extend-graphs"] if args.disable_extend_cuda_graph else [])

@@ -88,12 +88,15 @@ class CudaGraphRunner:
         self.metadata: dict[int, object] = {}  # each graph's attention metadata, for re-planning
         # Backends whose metadata lives on the host (FlashInfer) re-plan before each replay.
         self._prepare = getattr(runner.attn_backend, "graph_prepare_replay", None)
+        # Whether a decode window's later steps can replay a graph with no host work (replay_next).
+        self.replays_windows = self._prepare is None
         # Graphs through shared prefixes: buckets, graphs, logits, and the groups' static buffer.
         self.shared_buckets: list[int] = []
         self.shared_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.shared_logits: dict[int, torch.Tensor] = {}
         self.shared_buffer = None
         self._packed_plan = None  # the plan the shared buffer holds
+        self._last = None  # (graph, logits, rows) of the last replay, for replay_next
         finder = runner.shared_prefix_finder
         if finder is not None:
             self.max_items = finder.max_items(max_bs)
@@ -182,9 +185,28 @@ class CudaGraphRunner:
                 ints = self.runner.attn_backend.pack_shared_prefix(plan, self.max_bs, self.max_items)
                 self.shared_buffer.copy_(ints_to_device(ints, self.device, torch.int32))
                 self._packed_plan = plan
+            self._last = (self.shared_graphs[padded], self.shared_logits[padded], bs)
             self.shared_graphs[padded].replay()
             return self.shared_logits[padded][:bs]
         if self._prepare is not None:
             self._prepare(self.metadata[padded], fb, padded)
+        self._last = (self.graphs[padded], self.logits[padded], bs)
         self.graphs[padded].replay()
         return self.logits[padded][:bs]
+
+    def replay_next(self, sampled: torch.Tensor) -> torch.Tensor:
+        """The next step of a decode window after `replay` (or `replay_next`): every row one
+        position on, with `sampled` (the last step's samples, [rows]) as its token, through the
+        same graph. The inputs move on in the static buffers, on the device: no host work but
+        the launches. The K/V slot is read from the page table the last replay copied, which
+        the scheduler extended to the window's last position."""
+        if not self.replays_windows:
+            raise RuntimeError("decode windows need an attention backend that plans on the device")
+        graph, logits, bs = self._last
+        self.input_ids[:bs].copy_(sampled)
+        positions = self.positions[:bs]
+        positions += 1
+        self.seq_lens[:bs] += 1
+        self.out_cache_loc[:bs].copy_(self.runner._slots_from_table(self.page_table[:bs], positions))
+        graph.replay()
+        return logits[:bs]

@@ -132,6 +132,7 @@ class Engine:
             "max_total_tokens": self._runner.capacity_tokens,
             "max_running_requests": self._scheduler.max_running_requests,
             "chunked_prefill_size": self._scheduler.chunked_prefill_size,
+            "num_scheduler_steps": self._scheduler.num_scheduler_steps,
             "version": _version(),
             **self._core.call(stats),
         }

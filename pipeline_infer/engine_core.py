@@ -143,7 +143,7 @@ class EngineCore:
             self._fail(launched.batch, exc)
             return
         updated = self.scheduler.commit(launched.batch, tokens)
-        self.num_generated_tokens += len(updated)
+        self.num_generated_tokens += self.scheduler.last_commit_tokens
         finished = RequestStatus.FINISHED
         for req in updated:
             if req.output_every_step or req.status is finished:

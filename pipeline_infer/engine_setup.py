@@ -23,6 +23,9 @@ from pipeline_infer.model_runner import ModelRunner
 from pipeline_infer.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Decode steps a window runs by default (config.num_scheduler_steps). Rows finishing inside a
+# window compute up to this many - 1 dropped steps; a window's host work is paid once.
+DEFAULT_SCHEDULER_STEPS = 4
 
 
 @dataclass
@@ -105,6 +108,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         prefix_cache=prefix_cache,
         mixed_chunk=cfg.enable_mixed_chunk,
         admission_batch=cfg.admission_batch or (max(1, max_running // 8) if device.type == "cuda" else 1),
+        num_scheduler_steps=cfg.num_scheduler_steps or default_scheduler_steps(cfg, device, runner),
     )
     timer = None
     if cfg.enable_step_timing:
@@ -194,6 +198,17 @@ def default_chunked_prefill_size(device: torch.device, total_memory: int | None 
     if total_memory is None:
         total_memory = torch.cuda.get_device_properties(device).total_memory
     return 16384 if total_memory >= _LARGE_GPU_BYTES else 8192
+
+
+def default_scheduler_steps(cfg: EngineConfig, device: torch.device, runner: ModelRunner) -> int:
+    """num_scheduler_steps when not given: decode windows where their later steps replay the
+    decode graphs without host work (CudaGraphRunner.replay_next), and the host's work overlaps
+    the device's anyway; elsewhere they would only add launches or latency."""
+    overlap = not cfg.disable_overlap_schedule if cfg.disable_overlap_schedule is not None else device.type == "cuda"
+    graphs = runner.graph_runner
+    if device.type != "cuda" or not overlap or graphs is None or not graphs.replays_windows:
+        return 1
+    return DEFAULT_SCHEDULER_STEPS
 
 
 def decode_graph_max_bs(cfg: EngineConfig, max_running: int) -> int:

@@ -444,7 +444,8 @@ class ModelRunner:
             extras = StepExtras.plan(batch.chunks)
         hidden = None
         graph_ok = extras is None or not extras.needs_hidden_states  # graphs return logits only
-        if graph_ok and self.graph_runner is not None and self.graph_runner.can_run(fb):
+        in_graph = graph_ok and self.graph_runner is not None and self.graph_runner.can_run(fb)
+        if in_graph:
             if timer is not None:
                 timer.built()
             logits = self.graph_runner.replay(fb)  # a decode batch
@@ -490,9 +491,12 @@ class ModelRunner:
                     steps=[len(r.token_ids) - 1 - len(r.prompt_ids) for r in reqs],
                 )
             sampled = self.sampler(logits, info)
+            if batch.num_steps > 1:  # a decode window: the other steps, fed on the device
+                sampled = self._rest_of_window(fb, sampled, info, batch.num_steps, in_graph)
         else:
             sampled = torch.empty(0, dtype=torch.long, device=self.device)
-        self._prev_sampled = sampled
+        # The samples a placeholder of the next step refers to: a window's last step's.
+        self._prev_sampled = sampled if batch.num_steps == 1 else sampled[-fb.batch_size :]
         host = done = None
         if extras is None and sampled.is_cuda:
             host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
@@ -502,6 +506,39 @@ class ModelRunner:
         if timer is not None:
             timer.launched()
         return LaunchedStep(batch, sampled, host, done, extras, hidden, logits)
+
+    def _rest_of_window(self, fb: ForwardBatch, sampled: torch.Tensor, info, steps: int, in_graph: bool) -> torch.Tensor:
+        """Steps 1..steps-1 of a decode window (ScheduledBatch.num_steps), launched without a
+        host round trip: each row's next input is its sample of the step before, one position
+        on, its K/V slot read from the step's page table (the scheduler gave every row pages for
+        the whole window). The window's samples, step after step ([steps * rows])."""
+        samples = [sampled]
+        if in_graph and self.graph_runner.replays_windows:
+            for _ in range(1, steps):
+                sampled = self.sampler(self.graph_runner.replay_next(sampled), info)
+                samples.append(sampled)
+            return torch.cat(samples)
+        positions, prefix_lens = fb.positions, fb.prefix_lens
+        for _ in range(1, steps):
+            positions = positions + 1
+            prefix_lens = [p + 1 for p in prefix_lens]
+            nxt = ForwardBatch(
+                input_ids=sampled,
+                positions=positions,
+                extend_lens=fb.extend_lens,
+                prefix_lens=prefix_lens,
+                page_table=fb.page_table,
+                page_table_host=fb.page_table_host,
+                out_cache_loc=self._slots_from_table(fb.page_table, positions),
+                logits_indices=fb.logits_indices,
+                attn_backend=self.attn_backend,
+                shared_prefix=fb.shared_prefix,
+                decode_only=True,
+            )
+            self.attn_backend.plan(nxt)
+            sampled = self.sampler(self.model.compute_logits(self.model(nxt)[nxt.logits_indices]), info)
+            samples.append(sampled)
+        return torch.cat(samples)
 
     def _argmax_only(self, reqs: list, decode_only: bool) -> bool:
         """Whether every sampling row is a bare argmax (Request.argmax_from reached). A row's
@@ -531,7 +568,7 @@ class ModelRunner:
             tokens = step.sampled.tolist()
         if timer is not None:
             timer.on_host()
-        if len(tokens) == step.batch.size:  # every chunk samples (a decode step): already in order
+        if len(tokens) == step.batch.size or step.batch.num_steps > 1:  # a decode step or window: in order
             return tokens
         it = iter(tokens)
         return [next(it) if c.samples else None for c in step.batch.chunks]

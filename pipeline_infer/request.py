@@ -24,6 +24,8 @@ from pipeline_infer.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token not yet on the host (see the module docstring)
 _NEVER = 1 << 62  # an output count no request reaches
+# Positions a decode window may run past a request's last token (scheduler.MAX_SCHEDULER_STEPS).
+_WINDOW_ROOM = 16
 
 
 class RequestStatus(enum.Enum):
@@ -124,6 +126,15 @@ class Request:
         self.plain_commit: bool = (
             self.grammar is None and p.min_new_tokens == 0 and p.max_new_tokens > 0
             and (det is None or self.deferred_ids is not None)
+        )
+        # Whether its decode steps may run in a window of several steps from one schedule
+        # (Scheduler._window_steps): a bare argmax from its first token, no grammar, nothing to
+        # return but its final result (the scheduler clears it for one that streams: Scheduler.add),
+        # and room in the context for a window's steps past its last token (their samples are
+        # dropped, but their positions must exist).
+        self.window_ok: bool = (
+            self.argmax_from == 0 and self.grammar is None and self.extra_outputs is None
+            and self.decode_end + _WINDOW_ROOM <= self.context_length
         )
 
     # --- sizes -----------------------------------------------------------------

@@ -153,19 +153,23 @@ class ScheduledBatch:
     is still there for everything else: built from the columns on first use.
     """
 
-    __slots__ = ("_chunks", "decode_reqs", "decode_starts")
+    __slots__ = ("_chunks", "decode_reqs", "decode_starts", "num_steps")
 
     def __init__(
         self,
         chunks: list[ScheduledChunk] | None = None,
         decode_reqs: list[Request] | None = None,
         decode_starts: list[int] | None = None,
+        num_steps: int = 1,
     ) -> None:
         if (chunks is None) == (decode_reqs is None):
             raise TypeError("ScheduledBatch takes exactly one of chunks and decode_reqs (with decode_starts)")
         self._chunks = chunks
         self.decode_reqs = decode_reqs  # None unless every row is a one-token decode that samples
         self.decode_starts = decode_starts
+        # Decode steps the batch runs back to back (a decode window, Scheduler._window_steps):
+        # step k decodes each row at decode_starts[i] + k from the token step k - 1 sampled.
+        self.num_steps = num_steps
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -181,7 +185,7 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         if self.decode_reqs is not None:
-            return len(self.decode_reqs)
+            return len(self.decode_reqs) * self.num_steps
         return sum(c.length for c in self._chunks)
 
 
@@ -301,7 +305,11 @@ def _common(key: list[int], ids: list[int], i: int, n: int) -> int:
     return lo
 
 
+# Decode steps one schedule may run back to back (num_scheduler_steps), at most (request.py's
+# _WINDOW_ROOM: the positions a window may run past a request's end).
+MAX_SCHEDULER_STEPS = 16
 _by_age = attrgetter("queue_seq")  # submission order (kept across retractions)
+_window_ok = attrgetter("window_ok")
 
 
 def _known_computed(req: Request) -> int:
@@ -322,6 +330,7 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         mixed_chunk: bool = True,
         admission_batch: int = 1,
+        num_scheduler_steps: int = 1,
     ):
         if schedule_policy not in ("auto", "fcfs", "lpm", "batch"):
             raise ValueError(f"schedule_policy must be 'auto', 'fcfs', 'lpm' or 'batch', got {schedule_policy!r}")
@@ -335,6 +344,15 @@ class Scheduler:
         if not isinstance(admission_batch, int) or admission_batch < 1:
             raise ValueError(f"admission_batch must be an int >= 1, got {admission_batch!r}")
         self.admission_batch = admission_batch
+        if isinstance(num_scheduler_steps, bool) or not isinstance(num_scheduler_steps, int) or not (
+            1 <= num_scheduler_steps <= MAX_SCHEDULER_STEPS
+        ):
+            raise ValueError(
+                f"num_scheduler_steps must be an int in [1, {MAX_SCHEDULER_STEPS}], got {num_scheduler_steps!r}"
+            )
+        self.num_scheduler_steps = num_scheduler_steps
+        self.last_commit_tokens = 0  # tokens the last commit() took (a window's several per request)
+        self._decode_steps_short = False  # the last _ensure_decode_pages could not cover a window
         self._held_admission_steps = 0  # steps admission waited for a batch (see _admission_due)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -373,6 +391,8 @@ class Scheduler:
     # --- queue management --------------------------------------------------------
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
+        if req.output_every_step:  # it streams: each step's token goes out as it comes
+            req.window_ok = False
         if req.queue_seq < 0:
             req.queue_seq = next(self._seq)
         self.waiting.append(req)
@@ -420,7 +440,11 @@ class Scheduler:
             chunks = self._prefill_chunks(self.chunked_prefill_size, retractions, prefilling)
             if chunks:
                 return self._batch(chunks)
-        decodes = self._ensure_decode_pages(decodes)
+        # A window only for a decode-only step: with prompts still prefilling the step is mixed.
+        steps = self._window_steps(decodes) if self.num_scheduler_steps > 1 and decodes and not prefilling else 1
+        decodes = self._ensure_decode_pages(decodes, steps)
+        if self._decode_steps_short:
+            steps = 1  # pages ran short for the window: one step, pages given one by one
         if self.mixed_chunk:
             if self.num_retractions != retractions:  # retracted to make room: no longer running
                 prefilling = [r for r in prefilling if r.status is RequestStatus.RUNNING]
@@ -428,7 +452,20 @@ class Scheduler:
             if prefill:
                 chunks = [ScheduledChunk(req, req.num_computed, 1, True, False) for req in decodes]
                 return self._batch(chunks + prefill)
-        return self._decode_batch(decodes) if decodes else None
+        return self._decode_batch(decodes, steps) if decodes else None
+
+    def _window_steps(self, decodes: list[Request]) -> int:
+        """Decode steps for this batch to run back to back from one schedule (num_scheduler_steps),
+        or 1. A window needs nothing waiting (a request finishing inside it frees its slot only at
+        the window's end) and every row a `window_ok` request: a bare argmax, nothing returned but
+        its final result, no grammar, and room in its context for the whole window. A row may
+        finish inside the window (a stop token, or its length): the tokens sampled after that are
+        dropped at commit, as a step in flight past a request's end is under the overlap schedule.
+        The steps after the first need no host work: the device feeds each step's samples to the
+        next (ModelRunner.launch), so the host's per-step work is paid once a window."""
+        if self.waiting or False in map(_window_ok, decodes):
+            return 1
+        return self.num_scheduler_steps
 
     def _prefill_chunks(self, budget: int, retractions: int, prefilling: list[Request]) -> list[ScheduledChunk]:
         """Prefill chunks within `budget` tokens: requests already prefilling (`prefilling`, in
@@ -484,16 +521,18 @@ class Scheduler:
         retraction raises it again: `_retract`)."""
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
 
-    def _decode_batch(self, decodes: list[Request]) -> ScheduledBatch:
-        """A step of decodes alone, as columns (see ScheduledBatch); `_advance` for each row inline."""
+    def _decode_batch(self, decodes: list[Request], steps: int = 1) -> ScheduledBatch:
+        """A step of decodes alone, as columns (see ScheduledBatch); `_advance` for each row inline.
+        steps > 1: a decode window, each row `steps` tokens further (as many placeholders)."""
         self._decay_new_token_ratio()
         starts: list[int] = []
+        placeholders = [PLACEHOLDER] * steps
         for req in decodes:
             start = req.num_computed
             starts.append(start)
-            req.num_computed = start + 1
-            req.token_ids.append(PLACEHOLDER)
-        return ScheduledBatch(decode_reqs=decodes, decode_starts=starts)
+            req.num_computed = start + steps
+            req.token_ids.extend(placeholders)
+        return ScheduledBatch(decode_reqs=decodes, decode_starts=starts, num_steps=steps)
 
     def _advance(self, chunks: list[ScheduledChunk]) -> None:
         """Move the requests past the step just scheduled, before it runs.
@@ -518,9 +557,19 @@ class Scheduler:
         return self.allocator.num_free + self._evictable() >= len(self.running)
 
     def commit(self, batch: ScheduledBatch, next_tokens: list[int | None]) -> list[Request]:
-        """Fill in a step's sampled tokens; returns the requests that got one (finished ones included)."""
+        """Fill in a step's sampled tokens; returns the requests that got one (finished ones included).
+        A decode window's tokens come step by step ([step][row]); each request is returned once."""
         if batch.decode_reqs is not None:
-            return self._commit_decodes(batch.decode_reqs, batch.decode_starts, next_tokens)
+            reqs, starts = batch.decode_reqs, batch.decode_starts
+            updated = self._commit_decodes(reqs, starts, next_tokens)
+            taken = len(updated)
+            n = len(reqs)
+            for k in range(1, batch.num_steps):
+                # A request finished at an earlier step of the window is skipped (not running).
+                later = [s + k for s in starts]
+                taken += len(self._commit_decodes(reqs, later, next_tokens[k * n : (k + 1) * n]))
+            self.last_commit_tokens = taken
+            return updated
         updated: list[Request] = []
         running, inflight = RequestStatus.RUNNING, self._inflight
         for chunk, token in zip(batch.chunks, next_tokens):
@@ -543,6 +592,7 @@ class Scheduler:
                 # overlap schedule num_computed may count a later step's chunk too: that one runs
                 # before any step that could read the pages, so they are as good as computed).
                 self._share_computed(req)
+        self.last_commit_tokens = len(updated)
         return updated
 
     def _commit_decodes(self, reqs: list[Request], starts: list[int], tokens: list[int]) -> list[Request]:
@@ -1062,8 +1112,11 @@ class Scheduler:
             pages = self.allocator.alloc(n)
         return pages
 
-    def _ensure_decode_pages(self, decodes: list[Request]) -> list[Request]:
-        """Give each decode room for its next token, retracting requests when pages run out."""
+    def _ensure_decode_pages(self, decodes: list[Request], steps: int = 1) -> list[Request]:
+        """Give each decode room for its next token (its next `steps` tokens: a window),
+        retracting requests when pages run out. A window whose pages the free ones (after
+        evicting) do not cover gets none of them: `_decode_steps_short` is then set and the rows
+        get room for one token, as for a single step."""
         # Oldest first: the victims (newest first) are then always newer than the request being
         # served, so no request already given its page this step is retracted afterwards.
         decodes = sorted(decodes, key=_by_age)
@@ -1072,6 +1125,24 @@ class Scheduler:
         # One allocation then hands out the same pages, in the same order, as
         # _decode_pages_one_by_one would from the same free list.
         ps = self.page_size
+        self._decode_steps_short = False
+        if steps > 1:
+            # Pages each row lacks for positions up to num_computed + steps - 1.
+            last = steps - 1
+            wants = [(r.num_computed + last) // ps + 1 - len(r.pages) for r in decodes]
+            total = sum(w for w in wants if w > 0)
+            short = total - self.allocator.num_free
+            if short > 0 and self.prefix_cache is not None and self._evictable() >= short:
+                self.prefix_cache.evict(short)
+            if total <= self.allocator.num_free:
+                pages = self.allocator.alloc(total) if total else []
+                i = 0
+                for req, w in zip(decodes, wants):
+                    if w > 0:
+                        req.pages.extend(pages[i : i + w])
+                        i += w
+                return decodes
+            self._decode_steps_short = True
         needy = [r for r in decodes if r.num_computed // ps >= len(r.pages)]  # no room for the next token
         short = len(needy) - self.allocator.num_free
         if short > 0 and self.prefix_cache is not None and self._evictable() >= short:

@@ -32,7 +32,7 @@ def _run_scheduler(columns: bool, mixed: bool) -> tuple[list, dict]:
     rng = random.Random(7)
     sched = Scheduler(PageAllocator(200), 4, max_running_requests=6, chunked_prefill_size=24, mixed_chunk=mixed)
     if not columns:
-        sched._decode_batch = lambda decodes: sched._batch(
+        sched._decode_batch = lambda decodes, steps=1: sched._batch(
             [ScheduledChunk(r, r.num_computed, 1, True, False) for r in decodes]
         )
     reqs = []

@@ -38,13 +38,13 @@ def checkpoints(tmp_path_factory):
     return {f: make_tiny_model(str(tmp_path_factory.mktemp(f)), f, head_dim=64) for f in FAMILIES}
 
 
-def _check_against_hf(hf_model, prompts, outputs, dtype, tol):
+def _check_against_hf(hf_model, prompts, outputs, dtype, tol, lengths=None):
     # A copy: casting the fixture's fp32 model to bf16 and back would round its weights for
     # every later case (our engine reads the unrounded checkpoint).
     model = copy.deepcopy(hf_model).to("cuda", dtype)
     worst = 0.0
-    for p, out in zip(prompts, outputs):
-        assert len(out) == NEW_TOKENS
+    for i, (p, out) in enumerate(zip(prompts, outputs)):
+        assert len(out) == (NEW_TOKENS if lengths is None else lengths[i])
         ids = torch.tensor([p + out], device="cuda")
         with torch.no_grad():
             logits = model(ids).logits[0, len(p) - 1 : -1].float()
@@ -99,6 +99,43 @@ def test_extend_graphs_match_hf(checkpoints, dtype, tol):
         )
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     _check_against_hf(hf_model, prompts, [o["output_ids"] for o in outs], torch_dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.08), ("float32", 0.02)])
+def test_decode_windows_match_hf_on_gpu(checkpoints, dtype, tol):
+    """Decode windows (num_scheduler_steps: 4 by default with graphs and Triton): rows that
+    finish inside a window, by length or by a stop token, half the rows through the shared-prefix
+    graphs; every token teacher-forced against HF, and far fewer steps than one a schedule."""
+    directory, hf_model = checkpoints["qwen2"]
+    rng = random.Random(8)
+    system = [rng.randrange(3, VOCAB) for _ in range(64)]
+    prompts = [(system if i % 2 else []) + [rng.randrange(3, VOCAB) for _ in range(rng.randint(3, 90))]
+               for i in range(40)]
+    lens = [rng.randint(1, NEW_TOKENS) for _ in prompts]
+    sps = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in lens]
+    common = dict(device="cuda", dtype=dtype, attention_backend="triton", page_size=16)
+    with Engine(directory, num_scheduler_steps=1, **common) as llm:
+        one = [o["output_ids"] for o in llm.generate(input_ids=prompts, sampling_params=sps)]
+        one_steps = llm.get_server_info()["num_steps"]
+    for i in range(0, len(prompts), 3):  # stop tokens: one emitted mid-way in the one-step run
+        if len(one[i]) > 3:
+            sps[i]["stop_token_ids"] = [one[i][len(one[i]) // 2]]
+    with Engine(directory, **common) as llm:
+        info = llm.get_server_info()
+        assert info["num_scheduler_steps"] == 4 and llm._runner.shared_prefix_finder is not None
+        outs = [o["output_ids"] for o in llm.generate(input_ids=prompts, sampling_params=sps)]
+        steps = llm.get_server_info()["num_steps"]
+        shared_steps = llm._runner.shared_prefix_steps
+    assert steps < 0.6 * one_steps, (steps, one_steps)
+    assert shared_steps > 0, "no step went through the shared-prefix graphs"
+    for out, sp, n in zip(outs, sps, lens):
+        stop = sp.get("stop_token_ids", [None])[0]
+        if stop in out:  # ends at its first stop token
+            assert out.index(stop) == len(out) - 1
+        else:
+            assert len(out) == n
+    _check_against_hf(hf_model, prompts, outs, torch.bfloat16 if dtype == "bfloat16" else torch.float32, tol,
+                      lengths=[len(o) for o in outs])
 
 
 def test_graph_batch_sizes_cover_padding(checkpoints):
