@@ -56,12 +56,13 @@ class EngineConfig:
     # min_new_tokens, a grammar, logprobs or hidden states run their steps in lockstep.
     disable_overlap_schedule: bool | None = None
 
-    # Decode steps run back to back from one schedule when every running request is a greedy
-    # (bare argmax) batch request returning only its final result and nothing waits for a slot
-    # (a decode window, vLLM's num_scheduler_steps): the device feeds each step's samples to the
-    # next, so the host's per-step work (scheduling, building, committing ~1,000 rows: 1.5-5 ms
-    # on the device machines' hosts, more than a 0.5B model's 3.5 ms step on the slow ones) is
-    # paid once a window. A row that finishes inside a window has its later samples dropped.
+    # Decode steps run back to back from one schedule when every running request returns only
+    # its final result, samples without penalties, min_new_tokens or a grammar (greedy or not),
+    # and nothing waits for a slot (a decode window, vLLM's num_scheduler_steps): the device
+    # feeds each step's samples to the next, so the host's per-step work (scheduling, building,
+    # committing ~1,000 rows: 1.5-5 ms on the device machines' hosts, more than a 0.5B model's
+    # 3.5 ms step on the slow ones) is paid once a window. A row that finishes inside a window
+    # has its later samples dropped. A seeded row draws as it would step by step.
     # None: 4 on CUDA with decode CUDA graphs, the overlap schedule and an attention backend
     # that plans on the device (Triton); 1 (every step scheduled) otherwise.
     num_scheduler_steps: int | None = None

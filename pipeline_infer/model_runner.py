@@ -8,6 +8,7 @@ asked for logprobs or hidden states get them computed in the same step (step_ext
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,14 @@ _MAX_SHARED_PREFIX_GROUPS = 64
 # 32 groups of 4 rows 27.5 us against 21.3 us without (plain decode at its best split count);
 # of 6 rows 29.8 against 31.6; of 8 rows 31.6 against 36.9; of 16 rows 47.8 against 63.7.
 _MIN_SHARED_PREFIX_GROUP_ROWS = 8
+
+
+def _window_step(info: SamplingBatchInfo, k: int) -> SamplingBatchInfo:
+    """The sampling info of a decode window's step k: the first step's, each row's draw counter
+    k on (a seeded row's draw depends on it; a greedy batch has no draw)."""
+    if info.all_greedy:
+        return info
+    return dataclasses.replace(info, steps=[s + k for s in info.steps])
 
 
 @dataclass
@@ -488,7 +497,9 @@ class ModelRunner:
                     vocab_bitmask=bitmask,
                     # The token sampled now sits at the end of token_ids (a placeholder; the one
                     # before it may be one too, still in flight): its index among the outputs.
-                    steps=[len(r.token_ids) - 1 - len(r.prompt_ids) for r in reqs],
+                    # A window's first step samples the first of its placeholders.
+                    steps=[len(r.token_ids) - 1 - len(r.prompt_ids) for r in reqs] if batch.num_steps == 1
+                    else [s + 1 - len(r.prompt_ids) for r, s in zip(reqs, batch.decode_starts)],
                 )
             sampled = self.sampler(logits, info)
             if batch.num_steps > 1:  # a decode window: the other steps, fed on the device
@@ -514,12 +525,12 @@ class ModelRunner:
         the whole window). The window's samples, step after step ([steps * rows])."""
         samples = [sampled]
         if in_graph and self.graph_runner.replays_windows:
-            for _ in range(1, steps):
-                sampled = self.sampler(self.graph_runner.replay_next(sampled), info)
+            for k in range(1, steps):
+                sampled = self.sampler(self.graph_runner.replay_next(sampled), _window_step(info, k))
                 samples.append(sampled)
             return torch.cat(samples)
         positions, prefix_lens = fb.positions, fb.prefix_lens
-        for _ in range(1, steps):
+        for k in range(1, steps):
             positions = positions + 1
             prefix_lens = [p + 1 for p in prefix_lens]
             nxt = ForwardBatch(
@@ -536,7 +547,7 @@ class ModelRunner:
                 decode_only=True,
             )
             self.attn_backend.plan(nxt)
-            sampled = self.sampler(self.model.compute_logits(self.model(nxt)[nxt.logits_indices]), info)
+            sampled = self.sampler(self.model.compute_logits(self.model(nxt)[nxt.logits_indices]), _window_step(info, k))
             samples.append(sampled)
         return torch.cat(samples)
 

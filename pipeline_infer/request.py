@@ -128,12 +128,14 @@ class Request:
             and (det is None or self.deferred_ids is not None)
         )
         # Whether its decode steps may run in a window of several steps from one schedule
-        # (Scheduler._window_steps): a bare argmax from its first token, no grammar, nothing to
-        # return but its final result (the scheduler clears it for one that streams: Scheduler.add),
-        # and room in the context for a window's steps past its last token (their samples are
-        # dropped, but their positions must exist).
+        # (Scheduler._window_steps): sampling that needs nothing from the host between steps (no
+        # penalties or min_new_tokens, which count the outputs; no grammar, whose mask follows
+        # each token; a logit_bias is the same every step), nothing to return but its final
+        # result (the scheduler clears it for one that streams: Scheduler.add), and room in the
+        # context for a window's steps past its last token (their samples are dropped, but their
+        # positions must exist).
         self.window_ok: bool = (
-            self.argmax_from == 0 and self.grammar is None and self.extra_outputs is None
+            not p.has_penalties and p.min_new_tokens == 0 and self.grammar is None and self.extra_outputs is None
             and self.decode_end + _WINDOW_ROOM <= self.context_length
         )
 

@@ -457,12 +457,13 @@ class Scheduler:
     def _window_steps(self, decodes: list[Request]) -> int:
         """Decode steps for this batch to run back to back from one schedule (num_scheduler_steps),
         or 1. A window needs nothing waiting (a request finishing inside it frees its slot only at
-        the window's end) and every row a `window_ok` request: a bare argmax, nothing returned but
-        its final result, no grammar, and room in its context for the whole window. A row may
-        finish inside the window (a stop token, or its length): the tokens sampled after that are
-        dropped at commit, as a step in flight past a request's end is under the overlap schedule.
-        The steps after the first need no host work: the device feeds each step's samples to the
-        next (ModelRunner.launch), so the host's per-step work is paid once a window."""
+        the window's end) and every row a `window_ok` request: sampling that needs nothing from the
+        host between steps, nothing returned but its final result, and room in its context for
+        the whole window. A row may finish inside the window (a stop token, or its length): the
+        tokens sampled after that are dropped at commit, as a step in flight past a request's end
+        is under the overlap schedule. The steps after the first need no host work: the device
+        feeds each step's samples to the next (ModelRunner.launch), so the host's per-step work
+        is paid once a window."""
         if self.waiting or False in map(_window_ok, decodes):
             return 1
         return self.num_scheduler_steps

@@ -78,6 +78,26 @@ def test_windows_match_hf_with_stops_and_lengths(tiny, cases, page_size, overlap
     assert steps_taken[4] < steps_taken[1] * 0.6, steps_taken  # the windows ran
 
 
+def test_seeded_sampling_in_windows_draws_as_step_by_step(tiny, cases):
+    """Sampled requests (temperature, top-p, top-k, a logit_bias) run in windows too: a seeded
+    row's draw depends on its seed and its token's index only, so the outputs equal the
+    one-step-a-schedule run's; an unseeded row gets its length."""
+    directory, _ = tiny
+    prompts, _, _ = cases
+    params = [{"temperature": 0.9, "top_p": 0.9 if i % 2 else 1.0, "top_k": 50 if i % 3 == 0 else -1,
+               "max_new_tokens": 5 + 2 * i, "ignore_eos": True, "sampling_seed": 100 + i,
+               "logit_bias": {"7": 2.0} if i == 4 else None} for i in range(len(prompts))]
+    params[-1].pop("sampling_seed")
+    runs = {}
+    for steps in (1, 4):
+        outs, info = _run(directory, prompts, params, page_size=4, num_scheduler_steps=steps, disable_overlap_schedule=False)
+        runs[steps] = ([o["output_ids"] for o in outs], info["num_steps"])
+    assert runs[4][0][:-1] == runs[1][0][:-1]
+    assert [len(o) for o in runs[4][0]] == [p["max_new_tokens"] for p in params]
+    assert runs[4][1] < 0.6 * runs[1][1], (runs[4][1], runs[1][1])
+    assert len(set(map(tuple, runs[1][0]))) == len(prompts)  # sampled, not one greedy answer
+
+
 def test_windows_under_a_starved_pool_retract_and_match_hf(tiny, cases):
     directory, _ = tiny
     prompts, params, expected = cases

@@ -101,18 +101,22 @@ def test_extend_graphs_match_hf(checkpoints, dtype, tol):
     _check_against_hf(hf_model, prompts, [o["output_ids"] for o in outs], torch_dtype, tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.08), ("float32", 0.02)])
-def test_decode_windows_match_hf_on_gpu(checkpoints, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,sampled", [("bfloat16", 0.08, False), ("float32", 0.02, False),
+                                               ("bfloat16", 0.08, True)])
+def test_decode_windows_match_hf_on_gpu(checkpoints, dtype, tol, sampled):
     """Decode windows (num_scheduler_steps: 4 by default with graphs and Triton): rows that
     finish inside a window, by length or by a stop token, half the rows through the shared-prefix
-    graphs; every token teacher-forced against HF, and far fewer steps than one a schedule."""
+    graphs; every token teacher-forced against HF, and far fewer steps than one a schedule.
+    sampled: seeded draws at temperature 0.005 with top-p (the sampling path in windows; a token
+    more than tol below the best has a probability under e^-16 there)."""
     directory, hf_model = checkpoints["qwen2"]
     rng = random.Random(8)
     system = [rng.randrange(3, VOCAB) for _ in range(64)]
     prompts = [(system if i % 2 else []) + [rng.randrange(3, VOCAB) for _ in range(rng.randint(3, 90))]
                for i in range(40)]
     lens = [rng.randint(1, NEW_TOKENS) for _ in prompts]
-    sps = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in lens]
+    draw = {"temperature": 0.005, "top_p": 0.95} if sampled else {"temperature": 0}
+    sps = [{**draw, "max_new_tokens": n, "ignore_eos": True, "sampling_seed": i} for i, n in enumerate(lens)]
     common = dict(device="cuda", dtype=dtype, attention_backend="triton", page_size=16)
     with Engine(directory, num_scheduler_steps=1, **common) as llm:
         one = [o["output_ids"] for o in llm.generate(input_ids=prompts, sampling_params=sps)]
