@@ -196,3 +196,33 @@ def test_num_scheduler_steps_is_checked(tiny, bad):
     directory, _ = tiny
     with pytest.raises((ValueError, TypeError), match="num_scheduler_steps"):
         Engine(directory, num_scheduler_steps=bad)
+
+
+def test_a_request_aborted_inside_a_window_is_dropped_at_commit():
+    """Aborting a request whose window is in flight (the caller gave up on it): the window's
+    commit skips it, the others keep their outputs, and every page comes back."""
+    rng = random.Random(3)
+    page_size = 4
+    alloc = PageAllocator(1 + 1024 // page_size)
+    sched = Scheduler(alloc, page_size, max_running_requests=8, chunked_prefill_size=256, num_scheduler_steps=4)
+    runner = WindowRunner(page_size)
+    reqs = []
+    for i in range(5):
+        prompt = [rng.randrange(1, 1000) for _ in range(rng.randint(3, 20))]
+        req = Request(rid=f"r{i}", prompt_ids=prompt, params=SamplingParams(max_new_tokens=14, temperature=0.0),
+                      eos_token_ids=frozenset({0}), output_every_step=False)
+        reqs.append(req)
+        sched.add(req)
+    aborted = None
+    while sched.has_work:
+        batch = sched.schedule()
+        tokens = runner.run(batch, sched)
+        if aborted is None and batch.num_steps > 1:
+            aborted = sched.abort("r2")  # between the window's launch and its commit
+            assert aborted is reqs[2] and aborted.finish_reason.type == "abort"
+        sched.commit(batch, tokens)
+    assert aborted is not None, "no window ran"
+    assert reqs[2].output_ids == expected_output(reqs[2].prompt_ids, 14)[: len(reqs[2].output_ids)]
+    for r in reqs[:2] + reqs[3:]:
+        assert r.output_ids == expected_output(r.prompt_ids, 14), r.rid
+    assert alloc.num_free == alloc.capacity, "pages leaked"
