@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--disable-cascade-attn", action="store_true")
+    ap.add_argument("--max-running-requests", type=int, default=1024)
     ap.add_argument("--num-scheduler-steps", type=int, default=1,
                     help="Engine(num_scheduler_steps=N): decode steps a window runs (the GPU's default is 4)")
     args = ap.parse_args()
@@ -94,7 +95,9 @@ def main() -> None:
     ids = [p for p, _ in reqs]
     params = [{"temperature": 0, "max_new_tokens": o, "ignore_eos": True} for _, o in reqs]
     llm = Engine(model_dir, load_format="dummy", device="cpu", random_seed=0, enable_step_timing=True,
-                 attention_backend="triton", page_size=16, max_running_requests=1024, chunked_prefill_size=16384,
+                 attention_backend="triton", page_size=16, max_running_requests=args.max_running_requests,
+                 chunked_prefill_size=16384,
+                 admission_batch=max(1, args.max_running_requests // 8),  # the engine's default on CUDA
                  disable_overlap_schedule=False, disable_radix_cache=args.disable_radix_cache,
                  enable_cascade_attn=not args.disable_cascade_attn, num_scheduler_steps=args.num_scheduler_steps)
     device = emulate(llm._runner, args.scale)

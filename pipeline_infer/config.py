@@ -58,7 +58,7 @@ class EngineConfig:
 
     # Decode steps run back to back from one schedule when every running request returns only
     # its final result, samples without penalties, min_new_tokens or a grammar (greedy or not),
-    # and nothing waits for a slot (a decode window, vLLM's num_scheduler_steps): the device
+    # and the step admits nobody (a decode window, vLLM's num_scheduler_steps): the device
     # feeds each step's samples to the next, so the host's per-step work (scheduling, building,
     # committing ~1,000 rows: 1.5-5 ms on the device machines' hosts, more than a 0.5B model's
     # 3.5 ms step on the slow ones) is paid once a window. A row that finishes inside a window

@@ -456,15 +456,17 @@ class Scheduler:
 
     def _window_steps(self, decodes: list[Request]) -> int:
         """Decode steps for this batch to run back to back from one schedule (num_scheduler_steps),
-        or 1. A window needs nothing waiting (a request finishing inside it frees its slot only at
-        the window's end) and every row a `window_ok` request: sampling that needs nothing from the
-        host between steps, nothing returned but its final result, and room in its context for
-        the whole window. A row may finish inside the window (a stop token, or its length): the
-        tokens sampled after that are dropped at commit, as a step in flight past a request's end
-        is under the overlap schedule. The steps after the first need no host work: the device
-        feeds each step's samples to the next (ModelRunner.launch), so the host's per-step work
-        is paid once a window."""
-        if self.waiting or False in map(_window_ok, decodes):
+        or 1. Only a decode-only step is a window, so none admits while waiting requests have a
+        slot and pages: a window starts when nothing waits, no slot is free, or admission_batch
+        holds the free ones (its extra steps count as held steps), and a slot that frees inside
+        it is taken at its end. Every row must be a `window_ok` request: sampling that needs
+        nothing from the host between steps, nothing returned but its final result, and room in
+        its context for the whole window. A row may finish inside the window (a stop token, or
+        its length): the tokens sampled after that are dropped at commit, as a step in flight past
+        a request's end is under the overlap schedule. The steps after the first need no host
+        work: the device feeds each step's samples to the next (ModelRunner.launch), so the host's
+        per-step work is paid once a window."""
+        if False in map(_window_ok, decodes):
             return 1
         return self.num_scheduler_steps
 
@@ -527,6 +529,8 @@ class Scheduler:
         steps > 1: a decode window, each row `steps` tokens further (as many placeholders)."""
         self._decay_new_token_ratio()
         starts: list[int] = []
+        if steps > 1 and self.waiting and len(self.running) < self.max_running_requests:
+            self._held_admission_steps += steps - 1  # admission's bound counts steps, not schedules
         placeholders = [PLACEHOLDER] * steps
         for req in decodes:
             start = req.num_computed
