@@ -61,14 +61,16 @@ def _run(directory, prompts, params, **options):
     return outs, info
 
 
-@pytest.mark.parametrize("page_size,overlap", [(1, True), (4, True), (4, False)])
-def test_windows_match_hf_with_stops_and_lengths(tiny, cases, page_size, overlap):
+@pytest.mark.parametrize("page_size,overlap,running", [(1, True, None), (4, True, None), (4, False, None), (4, True, 3)])
+def test_windows_match_hf_with_stops_and_lengths(tiny, cases, page_size, overlap, running):
+    """running=3: most requests wait for a slot, so windows alternate with admitting steps (a
+    window's samples feed the next step's decode rows beside the new prompts)."""
     directory, _ = tiny
     prompts, params, expected = cases
     steps_taken = {}
     for steps in (1, 4):
         outs, info = _run(directory, prompts, params, page_size=page_size, num_scheduler_steps=steps,
-                          disable_overlap_schedule=not overlap)
+                          disable_overlap_schedule=not overlap, max_running_requests=running)
         assert info["num_scheduler_steps"] == steps
         assert [o["output_ids"] for o in outs] == expected, steps
         stopped = [i for i, p in enumerate(params) if "stop_token_ids" in p]
