@@ -518,7 +518,9 @@ class ModelRunner:
             timer.launched()
         return LaunchedStep(batch, sampled, host, done, extras, hidden, logits)
 
-    def _rest_of_window(self, fb: ForwardBatch, sampled: torch.Tensor, info, steps: int, in_graph: bool) -> torch.Tensor:
+    def _rest_of_window(
+        self, fb: ForwardBatch, sampled: torch.Tensor, info: SamplingBatchInfo, steps: int, in_graph: bool
+    ) -> torch.Tensor:
         """Steps 1..steps-1 of a decode window (ScheduledBatch.num_steps), launched without a
         host round trip: each row's next input is its sample of the step before, one position
         on, its K/V slot read from the step's page table (the scheduler gave every row pages for
@@ -547,7 +549,8 @@ class ModelRunner:
                 decode_only=True,
             )
             self.attn_backend.plan(nxt)
-            sampled = self.sampler(self.model.compute_logits(self.model(nxt)[nxt.logits_indices]), _window_step(info, k))
+            logits = self.model.compute_logits(self.model(nxt)[nxt.logits_indices])
+            sampled = self.sampler(logits, _window_step(info, k))
             samples.append(sampled)
         return torch.cat(samples)
 
