@@ -95,6 +95,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     # A lone sequence must always fit in the pool, so the pool also caps the context.
     context = min(context, runner.capacity_tokens)
 
+    overlap = not cfg.disable_overlap_schedule if cfg.disable_overlap_schedule is not None else device.type == "cuda"
     prefix_cache = None
     if not cfg.disable_radix_cache:
         prefix_cache = _prefix_cache(runner, cfg)
@@ -108,7 +109,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         prefix_cache=prefix_cache,
         mixed_chunk=cfg.enable_mixed_chunk,
         admission_batch=cfg.admission_batch or (max(1, max_running // 8) if device.type == "cuda" else 1),
-        num_scheduler_steps=cfg.num_scheduler_steps or default_scheduler_steps(cfg, device, runner),
+        num_scheduler_steps=cfg.num_scheduler_steps or default_scheduler_steps(device, runner, overlap),
     )
     timer = None
     if cfg.enable_step_timing:
@@ -124,7 +125,6 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     gc.freeze()
     holds_thread_limit = limit_host_threads(device)
     holds_gil_switch = shorten_gil_switch_interval(device)
-    overlap = not cfg.disable_overlap_schedule if cfg.disable_overlap_schedule is not None else device.type == "cuda"
     core = EngineCore(scheduler, runner, timer, overlap=overlap)
     return EngineParts(
         tokenizer=tokenizer,
@@ -200,11 +200,11 @@ def default_chunked_prefill_size(device: torch.device, total_memory: int | None 
     return 16384 if total_memory >= _LARGE_GPU_BYTES else 8192
 
 
-def default_scheduler_steps(cfg: EngineConfig, device: torch.device, runner: ModelRunner) -> int:
+def default_scheduler_steps(device: torch.device, runner: ModelRunner, overlap: bool) -> int:
     """num_scheduler_steps when not given: decode windows where their later steps replay the
     decode graphs without host work (CudaGraphRunner.replay_next), and the host's work overlaps
-    the device's anyway; elsewhere they would only add launches or latency."""
-    overlap = not cfg.disable_overlap_schedule if cfg.disable_overlap_schedule is not None else device.type == "cuda"
+    the device's anyway (overlap: the engine runs the overlap schedule); elsewhere they would
+    only add launches or latency."""
     graphs = runner.graph_runner
     if device.type != "cuda" or not overlap or graphs is None or not graphs.replays_windows:
         return 1

@@ -134,10 +134,7 @@ class Request:
         # result (the scheduler clears it for one that streams: Scheduler.add), and room in the
         # context for a window's steps past its last token (their samples are dropped, but their
         # positions must exist).
-        self.window_ok: bool = (
-            not p.has_penalties and p.min_new_tokens == 0 and self.grammar is None and self.extra_outputs is None
-            and self.decode_end + _WINDOW_ROOM <= self.context_length
-        )
+        self.window_ok: bool = not self.needs_sync and self.decode_end + _WINDOW_ROOM <= self.context_length
 
     # --- sizes -----------------------------------------------------------------
     @property

@@ -352,7 +352,6 @@ class Scheduler:
             )
         self.num_scheduler_steps = num_scheduler_steps
         self.last_commit_tokens = 0  # tokens the last commit() took (a window's several per request)
-        self._decode_steps_short = False  # the last _ensure_decode_pages could not cover a window
         self._held_admission_steps = 0  # steps admission waited for a batch (see _admission_due)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -442,9 +441,7 @@ class Scheduler:
                 return self._batch(chunks)
         # A window only for a decode-only step: with prompts still prefilling the step is mixed.
         steps = self._window_steps(decodes) if self.num_scheduler_steps > 1 and decodes and not prefilling else 1
-        decodes = self._ensure_decode_pages(decodes, steps)
-        if self._decode_steps_short:
-            steps = 1  # pages ran short for the window: one step, pages given one by one
+        decodes, steps = self._ensure_decode_pages(decodes, steps)  # 1 if pages ran short for the window
         if self.mixed_chunk:
             if self.num_retractions != retractions:  # retracted to make room: no longer running
                 prefilling = [r for r in prefilling if r.status is RequestStatus.RUNNING]
@@ -452,6 +449,8 @@ class Scheduler:
             if prefill:
                 chunks = [ScheduledChunk(req, req.num_computed, 1, True, False) for req in decodes]
                 return self._batch(chunks + prefill)
+        if steps > 1 and self.waiting and len(self.running) < self.max_running_requests:
+            self._held_admission_steps += steps - 1  # admission's bound counts steps, not schedules
         return self._decode_batch(decodes, steps) if decodes else None
 
     def _window_steps(self, decodes: list[Request]) -> int:
@@ -529,8 +528,6 @@ class Scheduler:
         steps > 1: a decode window, each row `steps` tokens further (as many placeholders)."""
         self._decay_new_token_ratio()
         starts: list[int] = []
-        if steps > 1 and self.waiting and len(self.running) < self.max_running_requests:
-            self._held_admission_steps += steps - 1  # admission's bound counts steps, not schedules
         placeholders = [PLACEHOLDER] * steps
         for req in decodes:
             start = req.num_computed
@@ -1117,11 +1114,11 @@ class Scheduler:
             pages = self.allocator.alloc(n)
         return pages
 
-    def _ensure_decode_pages(self, decodes: list[Request], steps: int = 1) -> list[Request]:
+    def _ensure_decode_pages(self, decodes: list[Request], steps: int = 1) -> tuple[list[Request], int]:
         """Give each decode room for its next token (its next `steps` tokens: a window),
-        retracting requests when pages run out. A window whose pages the free ones (after
-        evicting) do not cover gets none of them: `_decode_steps_short` is then set and the rows
-        get room for one token, as for a single step."""
+        retracting requests when pages run out; (decodes, steps they have room for). A window
+        whose pages the free ones (after evicting) do not cover gets none of them: the rows get
+        room for one token, as for a single step, and steps is 1."""
         # Oldest first: the victims (newest first) are then always newer than the request being
         # served, so no request already given its page this step is retracted afterwards.
         decodes = sorted(decodes, key=_by_age)
@@ -1130,7 +1127,6 @@ class Scheduler:
         # One allocation then hands out the same pages, in the same order, as
         # _decode_pages_one_by_one would from the same free list.
         ps = self.page_size
-        self._decode_steps_short = False
         if steps > 1:
             # Pages each row lacks for positions up to num_computed + steps - 1.
             last = steps - 1
@@ -1146,8 +1142,7 @@ class Scheduler:
                     if w > 0:
                         req.pages.extend(pages[i : i + w])
                         i += w
-                return decodes
-            self._decode_steps_short = True
+                return decodes, steps
         needy = [r for r in decodes if r.num_computed // ps >= len(r.pages)]  # no room for the next token
         short = len(needy) - self.allocator.num_free
         if short > 0 and self.prefix_cache is not None and self._evictable() >= short:
@@ -1160,8 +1155,8 @@ class Scheduler:
         if len(needy) <= self.allocator.num_free:
             for req, page in zip(needy, self.allocator.alloc(len(needy))):
                 req.pages.append(page)
-            return decodes
-        return self._decode_pages_one_by_one(decodes)
+            return decodes, 1
+        return self._decode_pages_one_by_one(decodes), 1
 
     def _decode_pages_one_by_one(self, decodes: list[Request]) -> list[Request]:
         """_ensure_decode_pages when pages may run out: page by page, oldest request first,

@@ -874,7 +874,9 @@ def _decode_page_trace(page_size: int, radix: bool, one_by_one: bool) -> dict:
 
         cache.evict = counted_evict
     if one_by_one:
-        sched._ensure_decode_pages = lambda d, steps=1: sched._decode_pages_one_by_one(sorted(d, key=lambda r: r.queue_seq))
+        sched._ensure_decode_pages = lambda d, steps=1: (
+            sched._decode_pages_one_by_one(sorted(d, key=lambda r: r.queue_seq)), 1
+        )
     else:
         general = sched._decode_pages_one_by_one
 
