@@ -84,6 +84,9 @@ class Engine:
             from pipeline_infer.engine_setup import restore_gil_switch_interval
 
             restore_gil_switch_interval()
+        from pipeline_infer.engine_setup import restore_gc_threshold
+
+        restore_gc_threshold()
 
     def __enter__(self) -> "Engine":
         return self

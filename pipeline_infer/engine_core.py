@@ -184,8 +184,15 @@ class EngineCore:
     def _emit(self, req: Request) -> None:
         on_output = req.on_output
         if on_output is not None:
+            finished = req.status is RequestStatus.FINISHED  # once per request per step: no property call
+            if finished:
+                # The callback closes over its call's collector, which holds the call's
+                # requests: a reference cycle through every request of the call, which only
+                # the cyclic GC could free (and whose every collection walks each request's
+                # token list). Dropped at the last output, they go by reference counting.
+                req.on_output = None
             try:
-                on_output(req, req.status is RequestStatus.FINISHED)  # once per request per step: no property call
+                on_output(req, finished)
             except Exception:  # a broken consumer must not take the engine down
                 logger.error("output callback failed: %s", traceback.format_exc())
 

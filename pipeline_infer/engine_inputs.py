@@ -109,7 +109,8 @@ def _id_lists(input_ids: Any, first_index: int = 0) -> tuple[list[list[int]], bo
             for t in seq:
                 if not _is_int(t):
                     raise TypeError(f"input_ids[{i}] holds {t!r} ({type(t).__name__}); token ids must be ints")
-        out.append(list(seq))
+        # Not copied: each Request copies its prompt (one copy a prompt, not two).
+        out.append(seq if type(seq) is list else list(seq))
     return out, False
 
 

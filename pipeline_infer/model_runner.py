@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from pipeline_infer.cache.kv_pool import KVPool
@@ -48,6 +47,34 @@ def _window_step(info: SamplingBatchInfo, k: int) -> SamplingBatchInfo:
     if info.all_greedy:
         return info
     return dataclasses.replace(info, steps=[s + k for s in info.steps])
+
+
+def _chunk_slots(pages: list[int], start: int, end: int, ps: int) -> list[int]:
+    """The K/V slots of positions [start, end) of a request with these pages: one range a page."""
+    if ps == 1:
+        return pages[start:end]
+    out: list[int] = []
+    first, last = start // ps, (end - 1) // ps
+    for i in range(first, last + 1):
+        base = pages[i] * ps
+        out.extend(range(base + (start - i * ps if i == first else 0), base + (end - i * ps if i == last else ps)))
+    return out
+
+
+class _PromptIds:
+    """The sampled rows' prompt ids for SamplingBatchInfo, read only for the rows that need them
+    (a repetition penalty): a request makes its prompt list on each read (Request.prompt_ids)."""
+
+    __slots__ = ("reqs",)
+
+    def __init__(self, reqs: list) -> None:
+        self.reqs = reqs
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.reqs[i].prompt_ids
 
 
 @dataclass
@@ -253,8 +280,18 @@ class ModelRunner:
     def build_forward_batch(self, batch: "ScheduledBatch") -> ForwardBatch:
         if batch.decode_reqs is not None:
             return self._build_decode_batch(batch.decode_reqs, batch.decode_starts)
-        # Host work of every step, so kept to plain-int arithmetic per decode (most chunks of
-        # a step) and a few array operations per step: no numpy call per request.
+        # Host work of every step, so kept to plain-int work per decode row (most chunks of a
+        # mixed step) and C-speed list operations per prefill chunk: no numpy call per chunk.
+        chunks = batch.chunks
+        reqs = [c.req for c in chunks]
+        starts = [c.start for c in chunks]
+        lengths = [c.length for c in chunks]
+        update = self.device_tables.prepare(reqs) if self.device_tables is not None else None
+        # With the page table on the device, each token's position and K/V slot are worked out
+        # there from its chunk's start and length (_chunk_positions_and_slots): the host sends
+        # two ints a chunk instead of two a token (a 16,384-token prefill step: 32,768 ints
+        # made, converted and copied). Otherwise they are computed here for the host table.
+        on_host = update is None
         ps = self.page_size
         ids: list[int] = []
         positions: list[int] = []
@@ -263,9 +300,8 @@ class ModelRunner:
         fill_rows: list[int] = []  # rows whose token is the previous step's sample, still on the device
         fill_from: list[int] = []  # ... and its row in that step's samples
         num_sampling = 0
-        for c in batch.chunks:
+        for c in chunks:
             req, start, length = c.req, c.start, c.length
-            pages = req.pages
             if length == 1:
                 token = req.token_ids[start]
                 if token == PLACEHOLDER:
@@ -273,42 +309,42 @@ class ModelRunner:
                     fill_from.append(req.sample_row)
                     token = 0
                 ids.append(token)
-                positions.append(start)
-                slots.append(pages[start // ps] * ps + start % ps)
+                if on_host:
+                    positions.append(start)
+                    slots.append(req.pages[start // ps] * ps + start % ps)
             else:
                 end = start + length
                 ids.extend(req.token_ids[start:end])
-                pos = range(start, end)
-                positions.extend(pos)
-                page_arr = np.asarray(pages, dtype=np.int64)
-                p = np.arange(start, end, dtype=np.int64)
-                slots.extend((page_arr[p // ps] * ps + p % ps).tolist())
+                if on_host:
+                    positions.extend(range(start, end))
+                    slots.extend(_chunk_slots(req.pages, start, end, ps))
             if c.samples:
                 logits_rows.append(len(ids) - 1)
                 req.sample_row = num_sampling  # where the next step finds this token on the device
                 num_sampling += 1
-        reqs = [c.req for c in batch.chunks]
         n = len(ids)
-        # One host-to-device copy for the four int64 columns and, with the device page table,
-        # its update; a table built on the host goes in a second copy.
-        update = self.device_tables.prepare(reqs) if self.device_tables is not None else None
-        table_ints = update.ints if update is not None else []
-        columns = ints_to_device(ids + positions + slots + logits_rows + table_ints, self.device)
-        input_ids, positions_dev, slots_dev, logits_dev, table_dev = columns.split(
-            [n, n, n, len(logits_rows), len(table_ints)]
-        )
-        if update is not None:
-            page_table, page_table_host = self.device_tables.apply(update, table_dev), None
-        else:
+        # One host-to-device copy for the int columns and, with the device page table, its
+        # update; a table built on the host goes in a second copy.
+        if on_host:
+            columns = ints_to_device(ids + positions + slots + logits_rows, self.device)
+            input_ids, positions_dev, slots_dev, logits_dev = columns.split([n, n, n, len(logits_rows)])
             page_table_host = self.page_tables.build(reqs)
             page_table = to_device(torch.from_numpy(page_table_host), self.device)
+        else:
+            table_ints = update.ints
+            columns = ints_to_device(ids + starts + lengths + logits_rows + table_ints, self.device)
+            input_ids, starts_dev, lengths_dev, logits_dev, table_dev = columns.split(
+                [n, len(chunks), len(chunks), len(logits_rows), len(table_ints)]
+            )
+            page_table, page_table_host = self.device_tables.apply(update, table_dev), None
+            positions_dev, slots_dev = self._chunk_positions_and_slots(page_table, starts_dev, lengths_dev, n)
         if fill_rows:
             input_ids = self._fill_in_flight(input_ids, fill_rows, fill_from)
         fb = ForwardBatch(
             input_ids=input_ids,
             positions=positions_dev,
-            extend_lens=[c.length for c in batch.chunks],
-            prefix_lens=[c.start for c in batch.chunks],
+            extend_lens=lengths,
+            prefix_lens=starts,
             page_table=page_table,
             page_table_host=page_table_host,
             out_cache_loc=slots_dev,
@@ -318,7 +354,7 @@ class ModelRunner:
         finder = self.shared_prefix_finder
         if finder is not None and n == len(reqs):  # a decode step (one token a row)
             chunks = batch.chunks
-            self._plan_shared_prefix(fb, reqs, lambda: [c.start + 1 for c in chunks], update is not None)
+            self._plan_shared_prefix(fb, reqs, lambda: [c.start + 1 for c in chunks], not on_host)
         elif finder is not None:
             finder.reset()  # the device table's "same batch" now compares against this step
         return fb
@@ -410,6 +446,20 @@ class ModelRunner:
         pages = page_table.gather(1, torch.div(positions, ps, rounding_mode="floor").unsqueeze(1)).view(-1)
         return pages.long() * ps + positions % ps
 
+    def _chunk_positions_and_slots(
+        self, page_table: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's position and K/V slot, on the device, for a step of chunks: chunk i feeds
+        lengths[i] tokens from position starts[i], its pages in row i of page_table."""
+        rows = torch.repeat_interleave(self._rows_on_device(starts.shape[0]), lengths, output_size=num_tokens)
+        first = torch.cumsum(lengths, 0) - lengths  # each chunk's first token's index in the step
+        positions = starts[rows] + self._rows_on_device(num_tokens) - first[rows]
+        ps = self.page_size
+        if ps == 1:
+            return positions, page_table[rows, positions].long()
+        pages = page_table[rows, torch.div(positions, ps, rounding_mode="floor")]
+        return positions, pages.long() * ps + positions % ps
+
     def _fill_in_flight(self, input_ids: torch.Tensor | None, rows: list[int], sources: list[int]) -> torch.Tensor:
         """Put the previous step's samples (on the device, not yet on the host) into input_ids:
         row rows[i] gets sample sources[i]. input_ids None: every row of the step is one of
@@ -488,7 +538,7 @@ class ModelRunner:
             else:
                 info = SamplingBatchInfo.build(
                     params=[r.params for r in reqs],
-                    prompt_ids=[r.prompt_ids for r in reqs],
+                    prompt_ids=_PromptIds(reqs),
                     output_ids=[r.output_ids for r in reqs],
                     seeds=[r.seed for r in reqs],
                     vocab_size=logits.shape[-1],
@@ -498,8 +548,8 @@ class ModelRunner:
                     # The token sampled now sits at the end of token_ids (a placeholder; the one
                     # before it may be one too, still in flight): its index among the outputs.
                     # A window's first step samples the first of its placeholders.
-                    steps=[len(r.token_ids) - 1 - len(r.prompt_ids) for r in reqs] if batch.num_steps == 1
-                    else [s + 1 - len(r.prompt_ids) for r, s in zip(reqs, batch.decode_starts)],
+                    steps=[len(r.token_ids) - 1 - r.prompt_len for r in reqs] if batch.num_steps == 1
+                    else [s + 1 - r.prompt_len for r, s in zip(reqs, batch.decode_starts)],
                 )
             sampled = self.sampler(logits, info)
             if batch.num_steps > 1:  # a decode window: the other steps, fed on the device

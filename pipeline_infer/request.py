@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable
 
 from pipeline_infer.sampling_params import SamplingParams
@@ -50,7 +50,9 @@ class FinishReason:
 @dataclass(eq=False)  # identity semantics: requests live in sets and dicts
 class Request:
     rid: str
-    prompt_ids: list[int]
+    # The prompt's token ids: copied into token_ids, which holds them from then on (the
+    # `prompt_ids` attribute reads them back from there: see the end of this module).
+    prompt_ids: InitVar[list[int]]
     params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     context_length: int = 1 << 30
@@ -101,8 +103,13 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
 
-    def __post_init__(self) -> None:
-        self.token_ids: list[int] = list(self.prompt_ids)
+    def __post_init__(self, prompt_ids: list[int]) -> None:
+        # The one copy of the prompt a request keeps (generate() hands over the caller's lists
+        # as they are): a second list per request cost a pass over its ids to make, and each
+        # collection of the cyclic GC another pass over them (~1,100 a prompt in the
+        # shared-prefix workload).
+        self.token_ids: list[int] = list(prompt_ids)
+        self.prompt_len: int = len(self.token_ids)
         # Output count from which sampling this request's next token is a bare argmax (greedy,
         # no penalties, no logit_bias, min_new_tokens reached); never when it is not greedy or
         # has penalties or a bias. Worked out once here (a request's params do not change), so a
@@ -112,7 +119,7 @@ class Request:
         self.argmax_from: int = p.min_new_tokens if plain else _NEVER
         # Token count (prompt + generated, in flight included) at which decoding stops by
         # length: max_new_tokens or the context, whichever comes first. Neither changes.
-        self.decode_end: int = min(len(self.prompt_ids) + p.max_new_tokens, self.context_length)
+        self.decode_end: int = min(self.prompt_len + p.max_new_tokens, self.context_length)
         # For the scheduler's decode commit (Scheduler._commit_decodes), worked out once too:
         # the tokens that stop it (from its first token on: min_new_tokens is 0), and whether
         # a token that is neither one of those nor its last by length only needs appending:
@@ -137,10 +144,6 @@ class Request:
         self.window_ok: bool = not self.needs_sync and self.decode_end + _WINDOW_ROOM <= self.context_length
 
     # --- sizes -----------------------------------------------------------------
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
-
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
@@ -189,7 +192,7 @@ class Request:
         # Called for every running request every step: lists and sizes are read into locals
         # once rather than through the properties (num_output, prompt_len) again and again.
         output_ids, token_ids, grammar, detokenizer = self.output_ids, self.token_ids, self.grammar, self.detokenizer
-        assert position == len(self.prompt_ids) + len(output_ids) and token_ids[position] == PLACEHOLDER, (
+        assert position == self.prompt_len + len(output_ids) and token_ids[position] == PLACEHOLDER, (
             f"{self.rid}: token for position {position} does not fill the first placeholder"
         )
         output_ids.append(token_id)
@@ -230,3 +233,9 @@ class Request:
             self.output_text += self.detokenizer.finish()
         elif self.detokenizer is not None:
             self.output_text = self.detokenizer.text
+
+
+# The prompt's ids, a fresh list from token_ids (penalties, prompt logprobs and the like read
+# them; none on a step's hot path). Set after the dataclass is made: as a class attribute in
+# its body the property would be taken for the `prompt_ids` init argument's default.
+Request.prompt_ids = property(lambda self: self.token_ids[: self.prompt_len], doc="The prompt's token ids (a copy).")

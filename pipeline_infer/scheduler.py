@@ -115,10 +115,10 @@ def _group_rank(best_cached: int, last_admission: int) -> int:
 class PrefixCache(Protocol):
     """What the scheduler needs from cache/radix.py (kept abstract so it stays testable)."""
 
-    def match_prefix(self, token_ids: list[int]) -> Any: ...
+    def match_prefix(self, token_ids: list[int], limit: int | None = None) -> Any: ...
     def match_probed(self, num_tokens: int, where: Any) -> Any: ...
     def match_len(self, token_ids: list[int]) -> int: ...
-    def probe(self, token_ids: list[int]) -> tuple[int, Any]: ...
+    def probe(self, token_ids: list[int], limit: int | None = None) -> tuple[int, Any]: ...
     def probe_holds(self, stamp: int, where: Any) -> bool: ...
     def stamp(self) -> int: ...
     def changed_under_since(self, stamp: int) -> list[tuple[int, ...]] | None: ...
@@ -1023,7 +1023,7 @@ class Scheduler:
         if probe is not None and probe[0] == limit and cache.probe_holds(probe[3], probe[1]):
             return probe[2]
         stamp = cache.stamp()
-        n, where = cache.probe(req.token_ids[:limit])
+        n, where = cache.probe(req.token_ids, limit)
         req.prefix_probe = (limit, where, n, stamp)
         return n
 
@@ -1068,7 +1068,7 @@ class Scheduler:
             # Ordering the queue probed it this step (usually): no comparing its tokens again.
             result = self.prefix_cache.match_probed(probe[2], probe[1])
         else:
-            result = self.prefix_cache.match_prefix(req.token_ids[:limit])
+            result = self.prefix_cache.match_prefix(req.token_ids, limit)
         return list(result.pages), result.num_tokens, result.node
 
     def _prefill_chunk(self, req: Request, budget: int) -> ScheduledChunk:

@@ -177,3 +177,57 @@ def test_decode_build_equals_chunk_build(tmp_path, backend, page_size, overlap):
         assert outs == [o["output_ids"] for o in llm.generate(input_ids=prompts, sampling_params=params)]
     assert checked["steps"] > 10
     assert (checked["filled"] > 0) == overlap
+
+
+def _check_chunk_builds(runner, checked: dict):
+    """Wrap runner.build_forward_batch: for each step built from chunks (prefill or mixed) check
+    every token's id, position and K/V slot against the chunks themselves: position p of chunk
+    (req, start, length) for p in [start, start + length), slot req.pages[p // ps] * ps + p % ps,
+    id req.token_ids[p] (or the previous step's sample for a token still in flight)."""
+    build = runner.build_forward_batch
+    ps = runner.page_size
+
+    def checked_build(batch):
+        if batch.decode_reqs is not None:
+            return build(batch)
+        chunks = batch.chunks
+        positions = [p for c in chunks for p in range(c.start, c.start + c.length)]
+        slots = [c.req.pages[p // ps] * ps + p % ps for c in chunks for p in range(c.start, c.start + c.length)]
+        ids = [c.req.token_ids[p] for c in chunks for p in range(c.start, c.start + c.length)]
+        in_flight = {(id(c.req), c.start): c.req.sample_row for c in chunks
+                     if c.length == 1 and c.req.token_ids[c.start] == PLACEHOLDER}
+        prev = runner._prev_sampled
+        fb = build(batch)
+        assert fb.positions.tolist() == positions
+        assert fb.out_cache_loc.tolist() == slots
+        got = fb.input_ids.tolist()
+        row = 0
+        for c in chunks:
+            for p in range(c.start, c.start + c.length):
+                want = ids[row]
+                if want == PLACEHOLDER:
+                    want = int(prev[in_flight[(id(c.req), p)]])
+                assert got[row] == want
+                row += 1
+        checked["steps"] += 1
+        checked["mixed"] += any(c.length == 1 for c in chunks) and any(c.length > 1 for c in chunks)
+        checked["long"] += any(c.length > 2 * ps for c in chunks)
+        return fb
+
+    runner.build_forward_batch = checked_build
+
+
+@pytest.mark.parametrize("backend,page_size", [("torch", 1), ("torch", 4), ("triton", 1), ("triton", 4)])
+def test_chunk_build_positions_slots_and_ids(tmp_path, backend, page_size):
+    """Prefill and mixed steps: positions and K/V slots (worked out on the device from each
+    chunk's start and length with Triton's device page table; on the host for the torch
+    backend) and input ids equal a hand computation from the chunks, step after step of a run
+    with admissions beside decodes, a shared prefix, chunked prompts and retractions."""
+    directory, _ = make_tiny_model(str(tmp_path), "llama", head_dim=16)
+    prompts, params = mixed_admission_workload(page_size)
+    checked = {"steps": 0, "mixed": 0, "long": 0}
+    with Engine(directory, attention_backend=backend, page_size=page_size, dtype="float32",
+                max_running_requests=4, max_total_tokens=96, chunked_prefill_size=16) as llm:
+        _check_chunk_builds(llm._runner, checked)
+        llm.generate(input_ids=prompts, sampling_params=params)
+    assert checked["steps"] > 5 and checked["mixed"] > 0 and checked["long"] > 0

@@ -152,6 +152,23 @@ def test_page_size_16_whole_pages_only():
     check_conservation(cache)
 
 
+def test_probe_and_match_with_a_limit_are_those_of_the_slice():
+    """probe(ids, limit) and match_prefix(ids, limit) answer for ids[:limit] (the scheduler asks
+    about a request's first tokens without slicing its token list)."""
+    ps = 4
+    _, cache = make(page_size=ps)
+    a = list(range(100, 124))  # 6 pages
+    pages = put(cache, a)
+    longer = a + [1, 2, 3, 4, 5]
+    for limit in (0, 3, 4, 9, 16, 24, 27, 29, 100):
+        n, where = cache.probe(longer, limit)
+        ref_n, ref_where = cache.probe(longer[:limit])
+        assert (n, where[1], where[2]) == (ref_n, ref_where[1], ref_where[2]) and where[0] is ref_where[0]
+        assert n == min(limit, 24) // ps * ps
+        assert cache.match_prefix(longer, limit).pages == pages[: min(limit, 24) // ps]
+    check_conservation(cache)
+
+
 def test_split_keeps_pages_and_locks():
     alloc, cache = make(page_size=2)
     pages = put(cache, [1, 1, 2, 2, 3, 3, 4, 4])

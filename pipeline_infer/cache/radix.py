@@ -145,14 +145,15 @@ class RadixCache:
         return self._num_nodes
 
     # --- lookup -------------------------------------------------------------------------
-    def match_prefix(self, token_ids: list[int]) -> MatchResult:
-        """Longest cached prefix of token_ids made of whole pages.
+    def match_prefix(self, token_ids: list[int], limit: int | None = None) -> MatchResult:
+        """Longest cached prefix of token_ids[:limit] made of whole pages (limit: no slice of a
+        request's token list needed to ask about its first tokens).
 
         A match that ends inside an edge splits that edge so that the returned node spells
         exactly the matched prefix (and can be locked on its own).
         """
         ps = self.page_size
-        n = len(token_ids) // ps
+        n = (len(token_ids) if limit is None else min(limit, len(token_ids))) // ps
         self._clock += 1
         node, i, pages = self.root, 0, []
         while i < n:
@@ -194,12 +195,13 @@ class RadixCache:
         """
         return self.probe(token_ids)[0]
 
-    def probe(self, token_ids: list[int]) -> tuple[int, tuple]:
-        """match_len, and where the match ended, for `probe_holds` and `match_probed`: (the deepest
-        node it entered (the root if none), that edge's pages past the match's end, the page
-        after the match (None: the match reached the end of token_ids))."""
+    def probe(self, token_ids: list[int], limit: int | None = None) -> tuple[int, tuple]:
+        """match_len of token_ids[:limit], and where the match ended, for `probe_holds` and
+        `match_probed`: (the deepest node it entered (the root if none), that edge's pages past
+        the match's end, the page after the match (None: the match reached the end of
+        token_ids[:limit]))."""
         ps = self.page_size
-        n = len(token_ids) // ps
+        n = (len(token_ids) if limit is None else min(limit, len(token_ids))) // ps
         node, i, from_end = self.root, 0, 0
         while i < n:
             child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
