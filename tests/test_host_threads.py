@@ -1,19 +1,24 @@
 """A CUDA engine runs torch's CPU ops on one thread (engine_setup.limit_host_threads), the
 user's OMP_NUM_THREADS wins, and the count comes back when the last engine shuts down. It
 also shortens the GIL's switch interval (shorten_gil_switch_interval) on the same terms.
-No GPU is needed: both only look at the device's type."""
+No GPU is needed: both only look at the device's type. Every engine (any device) raises the
+cyclic GC's young-generation threshold (raise_gc_threshold), on the same terms again."""
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import pytest
 import torch
 
 from pipeline_infer.engine_setup import (
+    GC_YOUNG_THRESHOLD,
     GIL_SWITCH_INTERVAL_S,
     limit_host_threads,
+    raise_gc_threshold,
     release_host_threads,
+    restore_gc_threshold,
     restore_gil_switch_interval,
     shorten_gil_switch_interval,
 )
@@ -109,3 +114,48 @@ def test_a_users_own_switch_interval_is_left_alone(python_default_switch):
     sys.setswitchinterval(0.001)
     restore_gil_switch_interval()
     assert sys.getswitchinterval() == pytest.approx(0.001)
+
+
+@pytest.fixture
+def python_default_gc():
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])
+    yield
+    gc.set_threshold(*before)
+
+
+def test_engines_raise_the_gc_young_threshold_and_the_last_restores(python_default_gc):
+    older = gc.get_threshold()[1:]
+    raise_gc_threshold()
+    assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *older)  # only the young generation's
+    raise_gc_threshold()  # a second engine
+    restore_gc_threshold()
+    assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD  # the first still runs
+    restore_gc_threshold()
+    assert gc.get_threshold() == (700, *older)
+
+
+def test_a_users_own_gc_threshold_is_left_alone(python_default_gc):
+    gc.set_threshold(5000)  # set before the engine started
+    raise_gc_threshold()
+    assert gc.get_threshold()[0] == 5000
+    restore_gc_threshold()
+    assert gc.get_threshold()[0] == 5000
+    # ... and one changed while the engine ran is not undone at shutdown
+    gc.set_threshold(700)
+    raise_gc_threshold()
+    gc.set_threshold(1000)
+    restore_gc_threshold()
+    assert gc.get_threshold()[0] == 1000
+
+
+def test_an_engine_holds_the_gc_threshold_until_shutdown(tmp_path, python_default_gc):
+    from tiny_models import make_tiny_model
+
+    from pipeline_infer import Engine
+
+    directory, _ = make_tiny_model(str(tmp_path), "llama", head_dim=16)
+    llm = Engine(directory, attention_backend="torch", dtype="float32")
+    assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+    llm.shutdown()
+    assert gc.get_threshold()[0] == 700
