@@ -202,6 +202,7 @@ class Engine:
         distribution, before logit_bias, penalties, grammar masks, temperature, top-k/p and min-p.
         """
         self._check_alive()
+        _collect_young_before_call()
         outputs = OutputArgs(return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states,
                              return_text_in_logprobs)
         slices = None if stream else split_call(prompt, sampling_params, input_ids, rid, outputs, _SUBMIT_SLICE)
@@ -234,6 +235,7 @@ class Engine:
     ) -> dict | list[dict] | AsyncIterator[dict]:
         """Awaitable generate; with stream=True it returns an async iterator of chunks."""
         self._check_alive()
+        _collect_young_before_call()
         outputs = OutputArgs(return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states,
                              return_text_in_logprobs)
         reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs, stream=stream)
@@ -527,6 +529,13 @@ class _AsyncCollector(_CollectorBase):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _collect_young_before_call() -> None:
+    """The cyclic GC's young pass before a call's requests exist (engine_setup.raise_gc_threshold)."""
+    from pipeline_infer.engine_setup import collect_young_before_call
+
+    collect_young_before_call()
 
 
 def _request_ids(rid, n: int) -> list[str]:

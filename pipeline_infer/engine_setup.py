@@ -358,9 +358,11 @@ def restore_gil_switch_interval() -> None:
 
 
 # The cyclic GC's young-generation threshold while an engine runs: container allocations
-# between collections (Python's default: 700; 2,000 from 3.13).
-GC_YOUNG_THRESHOLD = 50_000
+# between automatic collections (Python's default: 700; 2,000 from 3.13).
+GC_YOUNG_THRESHOLD = 200_000
 _PYTHON_DEFAULT_GC_YOUNG = (700, 2000)
+# A generate call starts with a young collection when at least this many objects are pending.
+GC_CALL_COLLECT_MIN = 10_000
 _GC_YOUNG = _SharedSetting(
     lambda: gc.get_threshold()[0],
     lambda n: gc.set_threshold(n, *gc.get_threshold()[1:]),
@@ -371,21 +373,30 @@ _GC_YOUNG = _SharedSetting(
 
 
 def raise_gc_threshold() -> None:
-    """While an engine runs, collect the young generation every 50,000 container allocations
-    instead of every 700.
+    """While an engine runs, the cyclic GC's young pass runs between generate calls
+    (`collect_young_before_call`), not inside them: automatic young collections every 200,000
+    container allocations instead of every 700.
 
-    A young collection walks every container made since the last one that is still alive, each
-    list item by item. At 700 one runs every few hundred objects of a step's host work, so the
-    walks keep landing on what that work holds at the time: a prefill step's 16,384-token id,
-    position and slot lists, a batch's new requests and their token lists; and every tenth
-    runs the next generation over the survivors again. The shared-prefix workload on the 2-core
-    CPU against its emulated H200 (benchmarks/emulated_device.py): 42-56 young and 4 older
-    collections a run, 40-55 ms of the engine thread's time, and a full collection (50-125 ms)
-    every few runs; at 50,000, none in a run. The objects are the same, and reference counting
-    frees them as before (the engine makes no reference cycles a call: EngineCore._emit), so
-    only the walks go. The last engine to shut down restores the threshold it found.
+    A young collection walks every container made since the last one that is still alive, a
+    list item by item. Inside a call that is the call's requests, each with its token list
+    (1,100 ids a prompt in the shared-prefix workload), and whatever a step's host work holds at
+    the time (a prefill step's id lists). At 700, on the 2-core CPU against its emulated H200
+    (benchmarks/emulated_device.py), a 1,024-prompt call ran 42-56 young and 4 older collections
+    (40-55 ms of host time, in the admission steps where the host is the bottleneck) and a full
+    one (50-125 ms) every few calls; at 50,000 one young collection every second call, 60-95 ms
+    on the CPU and 75-80 ms on an H200 host (the requests alive). Between calls the requests are
+    gone: they make no reference cycles (EngineCore._emit; RadixCache.reset unlinks a dropped
+    tree), so reference counting frees them and the young pass walks only what outlives a call.
+    The last engine to shut down restores the threshold it found.
     """
     _GC_YOUNG.acquire()
+
+
+def collect_young_before_call() -> None:
+    """The young collection `raise_gc_threshold` moves to a call's start, before its requests
+    exist: when an engine holds the raised threshold and GC_CALL_COLLECT_MIN objects are pending."""
+    if _GC_YOUNG.applied is not None and gc.isenabled() and gc.get_count()[0] >= GC_CALL_COLLECT_MIN:
+        gc.collect(0)
 
 
 def restore_gc_threshold() -> None:

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from pipeline_infer.engine_setup import (
+    GC_CALL_COLLECT_MIN,
     GC_YOUNG_THRESHOLD,
     GIL_SWITCH_INTERVAL_S,
+    collect_young_before_call,
     limit_host_threads,
     raise_gc_threshold,
     release_host_threads,
@@ -117,7 +119,14 @@ def test_a_users_own_switch_interval_is_left_alone(python_default_switch):
 
 
 @pytest.fixture
-def python_default_gc():
+def python_default_gc(monkeypatch):
+    """Python's default young threshold, and the shared setting as if no engine held it (engines
+    of other tests, alive in this process, hold the real one)."""
+    from pipeline_infer import engine_setup
+
+    held = engine_setup._GC_YOUNG
+    fresh = engine_setup._SharedSetting(held.get, held.set, held.wanted, held.take_over)
+    monkeypatch.setattr(engine_setup, "_GC_YOUNG", fresh)
     before = gc.get_threshold()
     gc.set_threshold(700, *before[1:])
     yield
@@ -159,3 +168,28 @@ def test_an_engine_holds_the_gc_threshold_until_shutdown(tmp_path, python_defaul
     assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
     llm.shutdown()
     assert gc.get_threshold()[0] == 700
+
+
+def test_a_call_starts_with_a_young_collection_only_under_the_raised_threshold(python_default_gc, monkeypatch):
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collections.append(generation) or 0)
+    monkeypatch.setattr(gc, "get_count", lambda: (GC_CALL_COLLECT_MIN, 0, 0))
+    collect_young_before_call()
+    assert collections == []  # no engine holds the threshold: Python's own schedule stands
+    raise_gc_threshold()
+    try:
+        collect_young_before_call()
+        assert collections == [0]  # the young generation only
+        monkeypatch.setattr(gc, "get_count", lambda: (GC_CALL_COLLECT_MIN - 1, 0, 0))
+        collect_young_before_call()
+        assert collections == [0]  # too few pending to be worth a pass
+    finally:
+        restore_gc_threshold()
+    gc.set_threshold(5000)  # a user's own threshold: the user's schedule stands too
+    raise_gc_threshold()
+    try:
+        monkeypatch.setattr(gc, "get_count", lambda: (GC_CALL_COLLECT_MIN, 0, 0))
+        collect_young_before_call()
+        assert collections == [0]
+    finally:
+        restore_gc_threshold()

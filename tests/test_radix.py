@@ -169,6 +169,30 @@ def test_probe_and_match_with_a_limit_are_those_of_the_slice():
     check_conservation(cache)
 
 
+def test_a_reset_tree_is_freed_without_the_cyclic_gc():
+    """reset() unlinks each dropped node from its parent: the old tree is no reference cycle,
+    so reference counting frees it (with the cyclic GC off, its nodes are gone at once)."""
+    import gc
+
+    from pipeline_infer.cache.radix import RadixNode
+
+    def live_nodes() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is RadixNode)
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = live_nodes()
+        _, cache = make(num_pages=64, page_size=2)
+        for prompt in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8], [1, 2, 9, 9], [5, 5, 5, 5]):
+            put(cache, prompt)
+        assert live_nodes() - before >= 6  # the root, splits and leaves
+        cache.reset()
+        assert live_nodes() - before == 1  # only the new root
+    finally:
+        gc.enable()
+
+
 def test_split_keeps_pages_and_locks():
     alloc, cache = make(page_size=2)
     pages = put(cache, [1, 1, 2, 2, 3, 3, 4, 4])
