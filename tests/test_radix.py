@@ -1154,3 +1154,46 @@ def test_a_long_edge_matches_up_to_the_page_where_it_diverges(page_size):
             assert cache.match_len(probe[: (k + 1) * page_size]) == k * page_size
     assert cache.match_len(tokens) == len(tokens)
     assert cache.match_prefix(tokens[:7 * page_size] + [999] * page_size).num_tokens == 7 * page_size
+
+
+@pytest.mark.parametrize("policy", ["batch", "auto"])
+def test_keeps_rank_looks_only_at_a_groups_ranked_members(policy, monkeypatch):
+    """A deep queue of one group (a batch job sharing a system prompt, most of it beyond the
+    policy window): whether an admission keeps the order (`_keeps_rank`) depends on the group's
+    members the order ranked (the window's), and is decided without walking the hundreds
+    waiting beyond it."""
+    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", 8)
+    ps = 4
+    alloc, cache, sched, runner = _scheduler_setup(
+        ps, 4000, max_running_requests=64, chunked_prefill_size=4096, schedule_policy=policy
+    )
+    rng = random.Random(2)
+    system = [rng.randrange(1, 1000) for _ in range(16)]
+    put(cache, system)  # the system prompt is cached: every member's memo is 16 once probed
+    reqs = [_req(f"r{i}", system + [rng.randrange(1, 1000) for _ in range(rng.randint(1, 6))], 2) for i in range(600)]
+    for r in reqs:
+        r.batch_job = True
+        sched.add(r)
+    order = sched._ordered_waiting({})  # ranks the window: its 8 members probed, 16 cached each
+    ranked, beyond = order[:8], order[8:]
+    assert all(r.prefix_probe is not None and r.prefix_probe[2] == 16 for r in ranked)
+    assert all(r.prefix_probe is None for r in beyond)
+    key = sched._group_key(reqs[0])
+    sched._last_group = key  # the group of the last admission
+    group = sched._waiting_groups[key]
+    visited = []
+
+    class Counting(dict):
+        def values(self):
+            for v in dict.values(self):
+                visited.append(v)
+                yield v
+
+    # A ranked member is still waiting: the group keeps its best (16), the order stands.
+    assert sched._keeps_rank(ranked[0], key, Counting(group)) is True and len(visited) == 1
+    # The last ranked member goes: the rest are unranked, so the order must be rebuilt; found at
+    # the first member past the window, not after walking all 592.
+    rest = Counting((id(r), r) for r in beyond)
+    visited.clear()
+    assert sched._keeps_rank(ranked[-1], key, rest) is False
+    assert len(visited) == 1
