@@ -353,7 +353,6 @@ class ModelRunner:
         )
         finder = self.shared_prefix_finder
         if finder is not None and n == len(reqs):  # a decode step (one token a row)
-            chunks = batch.chunks
             self._plan_shared_prefix(fb, reqs, lambda: [c.start + 1 for c in chunks], not on_host)
         elif finder is not None:
             finder.reset()  # the device table's "same batch" now compares against this step
