@@ -1197,3 +1197,44 @@ def test_keeps_rank_looks_only_at_a_groups_ranked_members(policy, monkeypatch):
     visited.clear()
     assert sched._keeps_rank(ranked[-1], key, rest) is False
     assert len(visited) == 1
+
+
+@pytest.mark.parametrize("policy", ["batch", "auto", "lpm"])
+def test_admission_skips_at_most_a_window_of_held_requests(policy, monkeypatch):
+    """A deep queue held behind its groups' first prefills (one per group admitted, every other
+    member waits for its prefix to land in the tree): an admission pass checks at most a policy
+    window of held requests, not the whole queue; every order still equals a fresh one and every
+    output is right."""
+    from test_scheduler import expected_output
+
+    from pipeline_infer import scheduler as scheduler_module
+
+    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", 8)
+    ps = 4
+    alloc, cache, sched, runner = _scheduler_setup(
+        ps, 4000, max_running_requests=16, chunked_prefill_size=256, schedule_policy=policy
+    )
+    rng = random.Random(4)
+    systems = [[rng.randrange(1, 1000) for _ in range(40)] for _ in range(3)]
+    reqs = [_req(f"r{i}", systems[i % 3] + [rng.randrange(1, 1000) for _ in range(3)], 2) for i in range(300)]
+    checks = []
+    held = scheduler_module.Scheduler._held
+
+    def counted(self, req, cached):
+        out = held(self, req, cached)
+        checks[-1] += out
+        return out
+
+    monkeypatch.setattr(scheduler_module.Scheduler, "_held", counted)
+    schedule = sched.schedule
+
+    def counting_schedule():
+        checks.append(0)
+        return schedule()
+
+    sched.schedule = counting_schedule
+    _run_batch_checked(sched, runner, reqs)
+    assert sched.num_held > 0
+    assert max(checks) == 8  # a window's worth at most (it was 297 in the first pass)
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 2), r.rid
