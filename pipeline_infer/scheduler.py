@@ -893,7 +893,7 @@ class Scheduler:
             return list(self.waiting)
         stamp = self.prefix_cache.stamp() if self.prefix_cache is not None else 0
         order = self._fresh_order(cached)
-        self._order, self._order_stamp, self._order_adds = list(order), stamp, self._adds
+        self._order, self._order_stamp, self._order_adds = order, stamp, self._adds  # never changed in place
         self._order_gone = 0
         self._order_ranked = None
         if len(self.waiting) > _POLICY_WINDOW:
@@ -966,7 +966,6 @@ class Scheduler:
         while k < len(head) and head[k].num_retractions:
             k += 1
         resumed, window = head[:k], head[k:]
-        rest = list(itertools.islice(self.waiting, _POLICY_WINDOW, None))
         self._leads = []
         if policy == "lpm":
             for r in window:
@@ -982,7 +981,11 @@ class Scheduler:
                 self._leads = []  # nothing goes before single submissions
         if resumed:
             self._leads = []  # nor before resumed (retracted) requests
-        return resumed + window + rest
+        # Then the rest in arrival order, put straight in (a job's deep queue: ~20,000 requests
+        # copied once, not three times, at every order made).
+        order = resumed + window
+        order.extend(itertools.islice(self.waiting, _POLICY_WINDOW, None))
+        return order
 
     def _batch_order(self, reqs: list[Request], cached: dict[int, int]) -> list[Request]:
         """The "batch" policy's order: groups of shared leading tokens, most cached first."""
