@@ -1156,21 +1156,29 @@ def test_a_long_edge_matches_up_to_the_page_where_it_diverges(page_size):
     assert cache.match_prefix(tokens[:7 * page_size] + [999] * page_size).num_tokens == 7 * page_size
 
 
+def _deep_queue_of_groups(monkeypatch, policy: str, num_groups: int, num_reqs: int, prefix_len: int, **kw):
+    """A scheduler with a policy window of 8 (page size 4) and num_reqs requests of 2 new tokens,
+    request i starting with system prompt i % num_groups (prefix_len tokens) and a few of its
+    own: most of the queue waits beyond the window. (cache, scheduler, runner, requests, prompts)."""
+    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", 8)
+    _, cache, sched, runner = _scheduler_setup(4, 4000, schedule_policy=policy, **kw)
+    rng = random.Random(num_groups)
+    systems = [[rng.randrange(1, 1000) for _ in range(prefix_len)] for _ in range(num_groups)]
+    reqs = [_req(f"r{i}", systems[i % num_groups] + [rng.randrange(1, 1000) for _ in range(rng.randint(1, 6))], 2)
+            for i in range(num_reqs)]
+    return cache, sched, runner, reqs, systems
+
+
 @pytest.mark.parametrize("policy", ["batch", "auto"])
 def test_keeps_rank_looks_only_at_a_groups_ranked_members(policy, monkeypatch):
     """A deep queue of one group (a batch job sharing a system prompt, most of it beyond the
     policy window): whether an admission keeps the order (`_keeps_rank`) depends on the group's
     members the order ranked (the window's), and is decided without walking the hundreds
     waiting beyond it."""
-    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", 8)
-    ps = 4
-    alloc, cache, sched, runner = _scheduler_setup(
-        ps, 4000, max_running_requests=64, chunked_prefill_size=4096, schedule_policy=policy
+    cache, sched, runner, reqs, (system,) = _deep_queue_of_groups(
+        monkeypatch, policy, 1, 600, 16, max_running_requests=64, chunked_prefill_size=4096
     )
-    rng = random.Random(2)
-    system = [rng.randrange(1, 1000) for _ in range(16)]
     put(cache, system)  # the system prompt is cached: every member's memo is 16 once probed
-    reqs = [_req(f"r{i}", system + [rng.randrange(1, 1000) for _ in range(rng.randint(1, 6))], 2) for i in range(600)]
     for r in reqs:
         r.batch_job = True
         sched.add(r)
@@ -1209,14 +1217,9 @@ def test_admission_skips_at_most_a_window_of_held_requests(policy, monkeypatch):
 
     from pipeline_infer import scheduler as scheduler_module
 
-    monkeypatch.setattr("pipeline_infer.scheduler._POLICY_WINDOW", 8)
-    ps = 4
-    alloc, cache, sched, runner = _scheduler_setup(
-        ps, 4000, max_running_requests=16, chunked_prefill_size=256, schedule_policy=policy
+    cache, sched, runner, reqs, _ = _deep_queue_of_groups(
+        monkeypatch, policy, 3, 300, 40, max_running_requests=16, chunked_prefill_size=256
     )
-    rng = random.Random(4)
-    systems = [[rng.randrange(1, 1000) for _ in range(40)] for _ in range(3)]
-    reqs = [_req(f"r{i}", systems[i % 3] + [rng.randrange(1, 1000) for _ in range(3)], 2) for i in range(300)]
     checks = []
     held = scheduler_module.Scheduler._held
 
