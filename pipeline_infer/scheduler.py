@@ -153,7 +153,7 @@ class ScheduledBatch:
     is still there for everything else: built from the columns on first use.
     """
 
-    __slots__ = ("_chunks", "decode_reqs", "decode_starts", "num_steps")
+    __slots__ = ("_chunks", "decode_reqs", "decode_starts", "num_steps", "num_decodes")
 
     def __init__(
         self,
@@ -161,10 +161,14 @@ class ScheduledBatch:
         decode_reqs: list[Request] | None = None,
         decode_starts: list[int] | None = None,
         num_steps: int = 1,
+        num_decodes: int = 0,
     ) -> None:
         if (chunks is None) == (decode_reqs is None):
             raise TypeError("ScheduledBatch takes exactly one of chunks and decode_reqs (with decode_starts)")
         self._chunks = chunks
+        # chunks only: how many of them, from the first, are one-token decodes that sample (a
+        # mixed step puts its decodes first); commit takes their tokens as a decode step's.
+        self.num_decodes = num_decodes
         self.decode_reqs = decode_reqs  # None unless every row is a one-token decode that samples
         self.decode_starts = decode_starts
         # Decode steps the batch runs back to back (a decode window, Scheduler._window_steps):
@@ -448,7 +452,7 @@ class Scheduler:
             prefill = self._prefill_chunks(self.chunked_prefill_size, retractions, prefilling)
             if prefill:
                 chunks = [ScheduledChunk(req, req.num_computed, 1, True, False) for req in decodes]
-                return self._batch(chunks + prefill)
+                return self._batch(chunks + prefill, num_decodes=len(chunks))
         if steps > 1 and self.waiting and len(self.running) < self.max_running_requests:
             self._held_admission_steps += steps - 1  # admission's bound counts steps, not schedules
         return self._decode_batch(decodes, steps) if decodes else None
@@ -513,10 +517,10 @@ class Scheduler:
             return True
         return False
 
-    def _batch(self, chunks: list[ScheduledChunk]) -> ScheduledBatch:
+    def _batch(self, chunks: list[ScheduledChunk], num_decodes: int = 0) -> ScheduledBatch:
         self._decay_new_token_ratio()
         self._advance(chunks)
-        return ScheduledBatch(chunks)
+        return ScheduledBatch(chunks, num_decodes=num_decodes)
 
     def _decay_new_token_ratio(self) -> None:
         """Each scheduled step lowers the decode-growth estimate admission reserves for (a
@@ -572,9 +576,14 @@ class Scheduler:
                 taken += len(self._commit_decodes(reqs, later, next_tokens[k * n : (k + 1) * n]))
             self.last_commit_tokens = taken
             return updated
+        chunks, k = batch.chunks, batch.num_decodes
         updated: list[Request] = []
+        if k:  # a mixed step's decodes, as a decode step's (~1.7 -> ~0.4 us a row on a 2-core CPU)
+            decodes = chunks[:k]
+            updated = self._commit_decodes([c.req for c in decodes], [c.start for c in decodes], next_tokens[:k])
+            chunks, next_tokens = chunks[k:], next_tokens[k:]
         running, inflight = RequestStatus.RUNNING, self._inflight
-        for chunk, token in zip(batch.chunks, next_tokens):
+        for chunk, token in zip(chunks, next_tokens):
             req = chunk.req
             if req.status is not running:  # finished or aborted while the step ran
                 continue

@@ -25,13 +25,17 @@ def _req(rid: str, prompt: list[int], **params) -> Request:
     return Request(rid=rid, prompt_ids=prompt, params=SamplingParams(**params), eos_token_ids=frozenset({2}))
 
 
-def _run_scheduler(columns: bool, mixed: bool) -> tuple[list, dict]:
+def _run_scheduler(columns: bool, mixed: bool) -> tuple[list, dict, int]:
     """A scheduler-only run (tokens from a fixed rule); each step as (rid, start, length, samples,
-    prefill) tuples, and each request's output ids and finish reason at the end. With
-    columns=False, decode-only steps are built as chunk batches (the old way)."""
+    prefill) tuples, each request's output ids and finish reason at the end, and how many mixed
+    steps committed their decodes as columns. With columns=False, decode-only steps are built as
+    chunk batches and every chunk batch is committed chunk by chunk (the old ways)."""
     rng = random.Random(7)
+    mixed_with_columns = [0]
     sched = Scheduler(PageAllocator(200), 4, max_running_requests=6, chunked_prefill_size=24, mixed_chunk=mixed)
-    if not columns:
+    if not columns:  # decode-only steps as chunks, and a mixed step's decodes committed as chunks
+        batch_as_chunks = sched._batch
+        sched._batch = lambda chunks, num_decodes=0: batch_as_chunks(chunks)
         sched._decode_batch = lambda decodes, steps=1: sched._batch(
             [ScheduledChunk(r, r.num_computed, 1, True, False) for r in decodes]
         )
@@ -50,15 +54,19 @@ def _run_scheduler(columns: bool, mixed: bool) -> tuple[list, dict]:
         if columns and batch.decode_reqs is not None:
             assert batch.size == batch.num_tokens == len(batch.decode_reqs) == len(batch.decode_starts)
         steps.append([(c.req.rid, c.start, c.length, c.samples, c.prefill) for c in batch.chunks])
+        if columns and batch.num_decodes:
+            mixed_with_columns[0] += 1
+            assert all(not c.prefill for c in batch.chunks[: batch.num_decodes])
         tokens = [sum(c.req.token_ids[: c.start + c.length]) % 11 if c.samples else None for c in batch.chunks]
         sched.commit(batch, tokens)
-    return steps, {r.rid: (r.output_ids, r.finish_reason.to_dict()) for r in reqs}
+    return steps, {r.rid: (r.output_ids, r.finish_reason.to_dict()) for r in reqs}, mixed_with_columns[0]
 
 
 @pytest.mark.parametrize("mixed", [True, False])
 def test_decode_columns_schedule_and_commit_as_chunks_do(mixed):
-    steps, outputs = _run_scheduler(columns=True, mixed=mixed)
-    ref_steps, ref_outputs = _run_scheduler(columns=False, mixed=mixed)
+    steps, outputs, mixed_with_columns = _run_scheduler(columns=True, mixed=mixed)
+    ref_steps, ref_outputs, _ = _run_scheduler(columns=False, mixed=mixed)
+    assert (mixed_with_columns > 0) == mixed  # mixed steps committed their decodes as columns
     assert steps == ref_steps
     assert outputs == ref_outputs
     # Both stop kinds and both length kinds happened.
