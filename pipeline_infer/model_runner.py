@@ -437,13 +437,15 @@ class ModelRunner:
             self._rows_dev = torch.arange(max(n, 2 * self._rows_dev.shape[0]), dtype=torch.long, device=self.device)
         return self._rows_dev[:n]
 
-    def _slots_from_table(self, page_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Each decode token's K/V slot from the step's page table on the device."""
+    def _slots_from_table(
+        self, page_table: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each token's K/V slot from the step's page table on the device: token i at positions[i]
+        with its pages in row rows[i] (rows None: row i, a decode step's one token a row)."""
         ps = self.page_size
-        if ps == 1:
-            return page_table.gather(1, positions.unsqueeze(1)).view(-1).long()
-        pages = page_table.gather(1, torch.div(positions, ps, rounding_mode="floor").unsqueeze(1)).view(-1)
-        return pages.long() * ps + positions % ps
+        cols = positions if ps == 1 else torch.div(positions, ps, rounding_mode="floor")
+        pages = page_table.gather(1, cols.unsqueeze(1)).view(-1) if rows is None else page_table[rows, cols]
+        return pages.long() if ps == 1 else pages.long() * ps + positions % ps
 
     def _chunk_positions_and_slots(
         self, page_table: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, num_tokens: int
@@ -453,11 +455,7 @@ class ModelRunner:
         rows = torch.repeat_interleave(self._rows_on_device(starts.shape[0]), lengths, output_size=num_tokens)
         first = torch.cumsum(lengths, 0) - lengths  # each chunk's first token's index in the step
         positions = starts[rows] + self._rows_on_device(num_tokens) - first[rows]
-        ps = self.page_size
-        if ps == 1:
-            return positions, page_table[rows, positions].long()
-        pages = page_table[rows, torch.div(positions, ps, rounding_mode="floor")]
-        return positions, pages.long() * ps + positions % ps
+        return positions, self._slots_from_table(page_table, positions, rows)
 
     def _fill_in_flight(self, input_ids: torch.Tensor | None, rows: list[int], sources: list[int]) -> torch.Tensor:
         """Put the previous step's samples (on the device, not yet on the host) into input_ids:
