@@ -8,6 +8,14 @@ median time wins. The result is kept in a JSON file in the user cache, keyed by 
 shapes and library versions, so only the first engine start on a machine pays for it (about
 a second, plus FlashInfer's one-time JIT build when it is installed).
 
+The candidates are the GPU backends (`triton`, `flashinfer`); `torch`, the reference, is the
+choice only where neither can run. One layer's attention time does not show what a backend
+costs a run: on an H200 with Qwen2.5-0.5B's heads, torch's layer timed 0.37 ms against
+Triton's 0.45 at page size 16 (0.29 against 0.28 at page size 1), but a whole run with it is
+over ten times slower (no decode CUDA graphs, no cascade, its per-sequence work): the
+shared-prefix workload took 14-50 s a run against 1.1 s, random 22-125 s against 2.9 s
+(docs/benchmarks.md, seventeenth session). Timed in with the others, it was chosen.
+
 The CPU always uses `torch` (Triton kernels need a GPU; FlashInfer is CUDA-only).
 """
 
@@ -69,9 +77,11 @@ def _key(device, num_q_heads, num_kv_heads, head_dim, page_size, dtype, names) -
 def fastest_backend(
     device: torch.device, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype
 ) -> str:
-    names = available_backends(device)
-    if len(names) == 1:
-        return names[0]
+    names = [n for n in available_backends(device) if n != "torch"]  # torch: the fallback (module doc)
+    if not names:
+        return "torch"
+    # The key names the timed candidates: a choice remembered from when torch was timed too
+    # (its key listed "torch,...") is not read back.
     key = _key(device, num_q_heads, num_kv_heads, head_dim, page_size, dtype, names)
     path = _cache_file()
     try:
