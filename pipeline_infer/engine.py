@@ -208,9 +208,10 @@ class Engine:
         slices = None if stream else split_call(prompt, sampling_params, input_ids, rid, outputs, _SUBMIT_SLICE)
         if slices is not None:
             # A batch job: its first prompts' requests go to the engine while the rest are made.
+            params_made: dict = {}  # the call's SamplingParams by what was asked, across its slices
             made = (
                 self._make_requests(s.prompt, s.sampling_params, s.input_ids, s.rid, s.outputs, stream=False,
-                                    first_index=s.first_index)[0]
+                                    first_index=s.first_index, params_made=params_made)[0]
                 for s in slices
             )
             return _SyncCollector(self, next(made)).wait(False, made)
@@ -247,13 +248,16 @@ class Engine:
     # --- input handling -------------------------------------------------------------------
     def _make_requests(
         self, prompt, sampling_params, input_ids, rid, outputs: OutputArgs | None = None, stream: bool = True,
-        first_index: int = 0,
+        first_index: int = 0, params_made: dict | None = None,
     ) -> tuple[list[Request], bool]:
         """stream=False: the caller reads only the final text, so it is decoded once at the end.
-        first_index: the call's index of the first prompt given (a slice of the call's: split_call)."""
+        first_index: the call's index of the first prompt given (a slice of the call's: split_call);
+        params_made: shared by the slices of one call (normalize_inputs)."""
         from pipeline_infer.engine_inputs import normalize_inputs
 
-        prompts_ids, params, single = normalize_inputs(self, prompt, sampling_params, input_ids, first_index)
+        prompts_ids, params, single = normalize_inputs(
+            self, prompt, sampling_params, input_ids, first_index, params_made
+        )
         rids = _request_ids(rid, len(prompts_ids))
         extra = (outputs or OutputArgs()).resolve(prompts_ids, self)
         for p in params:  # compile every grammar (or fail) before anything is submitted

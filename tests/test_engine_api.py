@@ -175,6 +175,12 @@ BAD_INPUTS = [
     ({"input_ids": [7] * 300 + [49152]}, ValueError, r"token id 49152 is outside the vocabulary \[0, 49152\)"),
     ({"input_ids": []}, ValueError, "empty"),
     ({"prompt": ["a", "b"], "sampling_params": [{}, {}, {}]}, ValueError, "sampling_params"),
+    # Prompts asking for equal parameters share one checked object (engine_inputs._params); a
+    # value equal to an earlier prompt's but of another type is still checked on its own.
+    ({"input_ids": [[1, 2], [3, 4]], "sampling_params": [{"max_new_tokens": 2}, {"max_new_tokens": 2.0}]},
+     TypeError, r"'max_new_tokens' must be an int, got 2\.0"),
+    ({"input_ids": [[1, 2], [3, 4]], "sampling_params": [{"ignore_eos": True}, {"ignore_eos": 1}]},
+     TypeError, r"'ignore_eos' must be a bool, got 1"),
 ]
 
 
@@ -434,3 +440,28 @@ def test_finished_requests_are_freed_without_the_cyclic_gc(tmp_path):
             assert len(first) == 4 and all(r() is None for r in first)
         finally:
             gc.enable()
+
+
+def test_prompts_asking_for_the_same_parameters_share_one_checked_object():
+    from pipeline_infer.engine_inputs import _params
+
+    same = _params({"max_new_tokens": 3, "temperature": 0.5}, 4)
+    assert len(same) == 4 and all(p is same[0] for p in same)
+    made: dict = {}  # one call's slices share it (generate -> _make_requests)
+    a = _params([{"max_new_tokens": 3}, {"max_new_tokens": 4}, {"max_new_tokens": 3}], 3, made)
+    b = _params([{"max_new_tokens": 4}, {"max_new_tokens": 3, "temperature": 0.0}], 2, made)
+    assert a[0] is a[2] and a[1] is b[0] and a[0] is not a[1] and b[1] not in a
+    assert [p.max_new_tokens for p in a + b] == [3, 4, 3, 4, 3] and b[1].temperature == 0.0
+    # Unhashable values (lists) are simply not shared; each object is still right.
+    c = _params([{"stop": ["x"]}, {"stop": ["x"]}], 2)
+    assert c[0].stop == c[1].stop == ["x"]
+
+
+def test_shared_parameters_give_each_request_its_own_result(bundled_engine):
+    prompts = [[5, 6, 7], [8, 9], [5, 6, 7]]
+    params = [{"max_new_tokens": 3, "temperature": 0, "ignore_eos": True},
+              {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True},
+              {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}]
+    outs = bundled_engine.generate(input_ids=prompts, sampling_params=params)
+    assert [len(o["output_ids"]) for o in outs] == [3, 2, 3]
+    assert outs[0]["output_ids"] == outs[2]["output_ids"]
