@@ -68,7 +68,7 @@ class EngineConfig:
     num_scheduler_steps: int | None = None
 
     # kernels and runner
-    attention_backend: str | None = None  # None: the fastest available on the device
+    attention_backend: str | None = None  # None: the fastest GPU backend measured here (torch on the CPU)
     disable_cuda_graph: bool = False
     # Decode batches up to this many rows replay CUDA graphs; larger ones run eagerly, which on
     # an H200 took a 512-row decode step from ~2-3 ms to 13 ms (launch-bound). None: as many as

@@ -221,7 +221,8 @@ def decode_graph_max_bs(cfg: EngineConfig, max_running: int) -> int:
 
 
 def _default_backend(device: torch.device, hf_config, page_size: int, dtype: torch.dtype) -> str:
-    """The fastest attention backend for this model's heads on this device, measured once."""
+    """The fastest GPU attention backend for this model's heads on this device, measured once
+    (select.fastest_backend; torch on the CPU)."""
     from pipeline_infer.kernels.attention.select import fastest_backend
 
     if device.type != "cuda":
