@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline_infer.page_table import PageTableBuilder
 
@@ -96,3 +97,18 @@ def test_same_rows_as_last_step_equal_rebuilt_table():
         table = builder.build(running)
         np.testing.assert_array_equal(table, rebuilt(running))
         assert builder.rows_kept == len(running) - shrunk
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32])
+def test_ints_to_device_keeps_every_value(dtype):
+    # Unsigned conversion first (the fast one), the signed one for a negative value; the same
+    # tensor either way, as torch.tensor would make it.
+    from pipeline_infer.forward_batch import ints_to_device
+
+    top = 2**63 - 1 if dtype == torch.long else 2**31 - 1
+    for values in ([0, 1, 5, 151_935, top], [3, -1, 7, -(top + 1), top], list(range(1000)), [-2]):
+        got = ints_to_device(values, torch.device("cpu"), dtype)
+        assert got.dtype == dtype and got.tolist() == values
+    assert ints_to_device([], torch.device("cpu"), dtype).shape == (0,)
+    with pytest.raises(OverflowError):  # past what the dtype holds: refused, not wrapped
+        ints_to_device([5, top + 1 if dtype == torch.int32 else 2**64], torch.device("cpu"), dtype)
