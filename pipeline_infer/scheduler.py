@@ -1267,8 +1267,13 @@ class Scheduler:
         if req.prefix_node is not None:
             self.prefix_cache.unlock(req.prefix_node)
         req.prefix_node = result.node
-        req.pages[:full] = result.pages
-        req.pages_version += 1
+        if result.duplicate_pages or result.pages != req.pages[:full]:
+            req.pages[:full] = result.pages
+            # A page list changed other than by appending: the page tables rewrite its row.
+            # Usually nothing changed (the tree took the request's own pages), and the bump
+            # made the next step rewrite every row just prefilled (~70 pages each in the
+            # shared-prefix workload, three ints a page in the device table's update).
+            req.pages_version += 1
         req.num_shared_pages = full
         # Duplicates were the request's own pages (never the tree's): no one else has them.
         self.allocator.free(result.duplicate_pages)

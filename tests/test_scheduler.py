@@ -325,6 +325,32 @@ def test_concurrent_duplicate_prefill_frees_duplicates_once(page_size):
     assert b.output_ids == expected_output(b.prompt_ids, 6)
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_sharing_a_prefill_bumps_the_page_version_only_when_pages_change(page_size):
+    """The page tables rewrite a request's whole row when its pages_version moves. Handing a
+    prefill's pages to the tree leaves the request's pages as they were unless another request
+    cached the same tokens first (then it switches to the tree's copies): only then may it move."""
+    rng = random.Random(2)
+    alloc, cache, sched = radix_sched(page_size, 512, max_running_requests=8, chunked_prefill_size=512)
+    runner = FakeRunner(page_size)
+    x = rand_ids(rng, 16)
+    a, b = req("a", x + rand_ids(rng, 40), 6), req("b", x + rand_ids(rng, 40), 6)
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert [c.req.rid for c in batch.chunks] == ["a", "b"]
+    versions = {r.rid: r.pages_version for r in (a, b)}
+    a_pages = list(a.pages)
+    sched.commit(batch, runner.run(batch))
+    assert a.num_shared_pages == a.prompt_len // page_size  # its whole prompt pages are the tree's now
+    assert a.pages == a_pages and a.pages_version == versions["a"]  # the tree took a's own pages
+    assert b.pages_version > versions["b"]  # b switched to a's copies of the shared pages
+    check_ownership(sched)
+    run_checked(sched, runner)
+    assert a.output_ids == expected_output(a.prompt_ids, 6)
+    assert b.output_ids == expected_output(b.prompt_ids, 6)
+
+
 def _groups(rng: random.Random, num_groups: int, per_group: int, prefix_len: int, max_new: int = 6):
     reqs = []
     for g in range(num_groups):
