@@ -741,7 +741,8 @@ class Scheduler:
         if node is not None:
             self.prefix_cache.lock(node)
         new = self._pages_for(req.num_tokens) - len(matched_pages)
-        need = new + self._reserve_pages(req)
+        reserve = self._reserve_pages(req)
+        need = new + reserve
         available = self.allocator.num_free + self._evictable() - reserved
         new_pages = self._alloc(new) if need <= available else None
         if new_pages is None:
@@ -767,7 +768,8 @@ class Scheduler:
                 self._order = None  # the order of the groups still waiting may change
             self._group_recency[self._group_key(req)] = self._num_admitted
             self._last_group = self._group_key(req)
-        return True, reserved + self._future_pages(req)
+        # _future_pages(req) now: its pages are exactly _pages_for(num_tokens), so that is `reserve`.
+        return True, reserved + reserve
 
     def prefix_cache_flushed(self) -> None:
         """The prefix cache was emptied (an idle engine's flush_cache): no group's prefix is hot
