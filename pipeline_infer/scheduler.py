@@ -1263,7 +1263,7 @@ class Scheduler:
             return
         # From the locked node of the shared pages: no comparing their tokens again.
         result = self.prefix_cache.insert(
-            req.token_ids[: full * self.page_size], req.pages[:full], req.prefix_node, req.num_shared_pages
+            req.token_ids, req.pages[:full], req.prefix_node, req.num_shared_pages, key_len=full * self.page_size
         )
         self.prefix_cache.lock(result.node)  # before the unlock: the shared part stays pinned
         if req.prefix_node is not None:
@@ -1298,6 +1298,6 @@ class Scheduler:
             return
         full = max(shared, min(_known_computed(req) // self.page_size, len(pages)))
         # From the node just unlocked (nothing can have evicted it yet): see _share_computed.
-        result = self.prefix_cache.insert(req.token_ids[: full * self.page_size], pages[:full], node, shared)
+        result = self.prefix_cache.insert(req.token_ids, pages[:full], node, shared, key_len=full * self.page_size)
         # insert never reports the tree's own pages (pages[:shared]) as duplicates.
         self.allocator.free(result.duplicate_pages + pages[full:])

@@ -1241,3 +1241,27 @@ def test_admission_skips_at_most_a_window_of_held_requests(policy, monkeypatch):
     assert max(checks) == 8  # a window's worth at most (it was 297 in the first pass)
     for r in reqs:
         assert r.output_ids == expected_output(r.prompt_ids, 2), r.rid
+
+
+def test_insert_with_key_len_is_insert_of_the_slice():
+    """insert(ids, pages, key_len=k) caches exactly what insert(ids[:k], pages) would, without
+    the caller's slice; a key_len that does not fit the pages (or the ids) is refused."""
+    ps = 4
+    ids = list(range(100, 140))  # 10 pages' worth
+    results = []
+    for use_key_len in (False, True):
+        alloc, cache = make(num_pages=64, page_size=ps)
+        first = alloc.alloc(6)
+        cache.insert(ids[:24], first)
+        pages = first[:3] + alloc.alloc(5)  # 32 tokens: the first 3 pages duplicate what is cached
+        if use_key_len:
+            r = cache.insert(ids, pages, key_len=32)
+        else:
+            r = cache.insert(ids[:32], pages)
+        results.append((r.duplicate_pages, r.pages, cache.total_pages, cache.match_len(ids)))
+    assert results[0] == results[1] and results[0][3] == 32
+    alloc, cache = make(num_pages=64, page_size=ps)
+    with pytest.raises(ValueError, match="key of len"):
+        cache.insert(ids, alloc.alloc(2), key_len=12)  # 2 pages are 8 tokens
+    with pytest.raises(ValueError, match="key of len"):
+        cache.insert(ids[:8], alloc.alloc(3), key_len=12)  # 12 tokens asked of 8 given

@@ -241,7 +241,8 @@ class RadixCache:
         return None
 
     def insert(
-        self, token_ids: list[int], pages: list[int], node: Optional[RadixNode] = None, node_pages: int = 0
+        self, token_ids: list[int], pages: list[int], node: Optional[RadixNode] = None, node_pages: int = 0,
+        key_len: int | None = None,
     ) -> InsertResult:
         """Cache `pages` as the K/V of `token_ids` (whole pages only).
 
@@ -255,12 +256,17 @@ class RadixCache:
         it (locked, or unlocked just now): the walk starts there instead of comparing those
         tokens again (a request's matched prompt prefix, 1,024 tokens in the shared-prefix
         workload, each time it hands pages to the tree). Same result and LRU order as from the root.
+
+        key_len: the key is token_ids[:key_len] (default: all of token_ids), so a caller caching
+        the start of a request's tokens passes them without a copy.
         """
         ps = self.page_size
-        if len(token_ids) != len(pages) * ps:
+        if key_len is None:
+            key_len = len(token_ids)
+        if key_len != len(pages) * ps or key_len > len(token_ids):
             raise ValueError(
-                f"insert needs len(token_ids) == len(pages) * page_size, got {len(token_ids)} tokens, "
-                f"{len(pages)} pages, page_size {ps}"
+                f"insert needs a key of len(pages) * page_size tokens, got {key_len} (of {len(token_ids)} "
+                f"given), {len(pages)} pages, page_size {ps}"
             )
         n = len(pages)
         self._clock += 1
