@@ -14,7 +14,7 @@ prefills 1.5 ms + 1.6 us a prompt token + 10 us a decode row (15 x 1,092 tokens:
 CPU, so --scale 0.5 shows this machine as such a host would be against an H200.
 
     python benchmarks/emulated_device.py [--workload shared-prefix] [--scale 0.5] [--repeats 5] [--num-scheduler-steps 4]
-        [--disable-radix-cache] [--disable-cascade-attn]
+        [--disable-radix-cache] [--disable-cascade-attn] [--requests-made-before]
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--disable-radix-cache", action="store_true")
     ap.add_argument("--disable-cascade-attn", action="store_true")
     ap.add_argument("--max-running-requests", type=int, default=1024)
+    ap.add_argument("--requests-made-before", action="store_true",
+                    help="make the call's requests before the timed part and time their submission: the "
+                         "engine's own host share, without the front end's work beside it")
     ap.add_argument("--num-scheduler-steps", type=int, default=1,
                     help="Engine(num_scheduler_steps=N): decode steps a window runs (the GPU's default is 4)")
     args = ap.parse_args()
@@ -107,8 +110,15 @@ def main() -> None:
     walls = []
     for i in range(args.repeats):
         device["busy"] = 0.0
-        t = time.perf_counter()
-        llm.generate(input_ids=ids, sampling_params=params)
+        if args.requests_made_before:
+            from pipeline_infer.engine import _SyncCollector
+
+            made = llm._make_requests(None, params, ids, None, None, stream=False)[0]
+            t = time.perf_counter()
+            _SyncCollector(llm, made).wait(False)  # what generate() does once its requests are made
+        else:
+            t = time.perf_counter()
+            llm.generate(input_ids=ids, sampling_params=params)
         walls.append(time.perf_counter() - t)
         s = llm.step_timing_summary(reset=True)
         llm.flush_cache()
