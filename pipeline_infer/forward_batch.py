@@ -54,11 +54,12 @@ class ForwardBatch:
         return self.decode_only or all(e == 1 for e in self.extend_lens)
 
 
-# array typecodes of the int dtypes steps send: the first tried, then the one for a negative value
-# ('Q'/'q': 8 bytes, 'i': 4 on every platform torch runs on). int32 lists stay signed: they are
-# short (a step's attention metadata), and an unsigned 4-byte array would take 2**31..2**32-1 and
-# wrap them, where the signed one refuses them.
-_TYPECODES = {torch.long: ("Q", "q"), torch.int32: ("i", "i")}
+# array typecodes of the int dtypes steps send ('q': 8 bytes, 'i': 4 on every platform torch runs on).
+_TYPECODES = {torch.long: "q", torch.int32: "i"}
+# The unsigned twin tried first (ints_to_device). int64 only: int32 lists are short (a step's
+# attention metadata), and an unsigned 4-byte array would take 2**31..2**32-1 and wrap them,
+# where the signed one refuses them.
+_UNSIGNED_TYPECODES = {torch.long: "Q"}
 
 
 def ints_to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
@@ -74,11 +75,15 @@ def ints_to_device(values: list[int], device: torch.device, dtype: torch.dtype =
     array; a negative one (OverflowError) takes the signed conversion."""
     if not values:
         return torch.empty(0, dtype=dtype, device=device)
-    unsigned, signed = _TYPECODES[dtype]
-    try:
-        buffer = array(unsigned, values)
-    except OverflowError:
-        buffer = array(signed, values)
+    unsigned = _UNSIGNED_TYPECODES.get(dtype)
+    buffer = None
+    if unsigned is not None:
+        try:
+            buffer = array(unsigned, values)
+        except OverflowError:  # a negative value
+            pass
+    if buffer is None:
+        buffer = array(_TYPECODES[dtype], values)
     return to_device(torch.frombuffer(buffer, dtype=dtype), device)
 
 

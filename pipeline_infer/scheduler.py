@@ -1262,14 +1262,15 @@ class Scheduler:
         if full <= req.num_shared_pages:
             return
         # From the locked node of the shared pages: no comparing their tokens again.
+        mine = req.pages[:full]
         result = self.prefix_cache.insert(
-            req.token_ids, req.pages[:full], req.prefix_node, req.num_shared_pages, key_len=full * self.page_size
+            req.token_ids, mine, req.prefix_node, req.num_shared_pages, key_len=full * self.page_size
         )
         self.prefix_cache.lock(result.node)  # before the unlock: the shared part stays pinned
         if req.prefix_node is not None:
             self.prefix_cache.unlock(req.prefix_node)
         req.prefix_node = result.node
-        if result.duplicate_pages or result.pages != req.pages[:full]:
+        if result.pages != mine:  # some were duplicates: the request reads the tree's copies now
             req.pages[:full] = result.pages
             # A page list changed other than by appending: the page tables rewrite its row.
             # Usually nothing changed (the tree took the request's own pages), and the bump
