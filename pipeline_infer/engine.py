@@ -30,6 +30,10 @@ logger = logging.getLogger("pipeline_infer")
 # prompt of ~1,100 ids on a 2-core CPU, so a 1,024-prompt call used to keep a GPU idle ~65 ms).
 # 128 prompts are more than one 16,384-token prefill step takes of most workloads.
 _SUBMIT_SLICE = 128
+# The later slices, each made once the engine thread waits on the device (overlap schedule):
+# small, so that one still being made when the device finishes holds the engine back little.
+_LATER_SLICE = 32
+_SLICE_WAIT_S = 0.005
 
 
 class Engine:
@@ -205,15 +209,21 @@ class Engine:
         _collect_young_before_call()
         outputs = OutputArgs(return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states,
                              return_text_in_logprobs)
-        slices = None if stream else split_call(prompt, sampling_params, input_ids, rid, outputs, _SUBMIT_SLICE)
+        slices = None if stream else split_call(prompt, sampling_params, input_ids, rid, outputs, _LATER_SLICE, _SUBMIT_SLICE)
         if slices is not None:
             # A batch job: its first prompts' requests go to the engine while the rest are made.
             params_made: dict = {}  # the call's SamplingParams by what was asked, across its slices
-            made = (
-                self._make_requests(s.prompt, s.sampling_params, s.input_ids, s.rid, s.outputs, stream=False,
-                                    first_index=s.first_index, params_made=params_made)[0]
-                for s in slices
-            )
+            core = self._core
+
+            def make(s):
+                if s.first_index and core.overlap:
+                    # The later slices are made while the engine thread waits on the device,
+                    # not beside a step's host work (EngineCore.wait_for_device).
+                    core.wait_for_device(_SLICE_WAIT_S)
+                return self._make_requests(s.prompt, s.sampling_params, s.input_ids, s.rid, s.outputs, stream=False,
+                                           first_index=s.first_index, params_made=params_made)[0]
+
+            made = map(make, slices)
             return _SyncCollector(self, next(made)).wait(False, made)
         reqs, single = self._make_requests(prompt, sampling_params, input_ids, rid, outputs, stream=stream)
         collector = _SyncCollector(self, reqs)

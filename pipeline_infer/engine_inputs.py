@@ -180,20 +180,23 @@ class CallSlice(NamedTuple):
 
 
 def split_call(
-    prompt: Any, sampling_params: Any, input_ids: Any, rid: Any, outputs: OutputArgs, size: int
+    prompt: Any, sampling_params: Any, input_ids: Any, rid: Any, outputs: OutputArgs, size: int,
+    first_size: int | None = None,
 ) -> list[CallSlice] | None:
-    """A call over more than `size` prompts as slices of at most `size`, each argument given per
-    prompt cut to its slice; None when the call is not such a list or its per-prompt arguments
-    do not match its length (it then goes through normalize_inputs whole, which says what is wrong).
+    """A call over more than `first_size` prompts (default `size`) as slices: the first of
+    `first_size` prompts, the others of at most `size`, each argument given per prompt cut to
+    its slice; None when the call is not such a list or its per-prompt arguments do not match
+    its length (it then goes through normalize_inputs whole, which says what is wrong).
 
     Lets generate() hand the engine the first slice's requests while it still checks and builds
     the others: the device starts that much sooner.
     """
+    first_size = size if first_size is None else first_size
     items = input_ids if prompt is None else prompt
     if (prompt is None) == (input_ids is None) or hasattr(items, "tolist") or not isinstance(items, (list, tuple)):
         return None  # one prompt, an array (converted whole), or a mistake normalize_inputs reports
     n = len(items)
-    if n <= size or (prompt is None and _is_int(items[0])):
+    if n <= first_size or (prompt is None and _is_int(items[0])):
         return None  # few prompts, or one prompt's ids
     per_prompt = {"sampling_params": sampling_params, "rid": rid}
     per_prompt.update((f.name, getattr(outputs, f.name)) for f in dataclasses.fields(outputs))
@@ -207,8 +210,8 @@ def split_call(
         return value[a:b] if isinstance(value, (list, tuple)) else value
 
     slices = []
-    for a in range(0, n, size):
-        b = a + size
+    starts = [0, *range(first_size, n, size)]
+    for a, b in zip(starts, [*starts[1:], n]):
         out = dataclasses.replace(outputs, **{f.name: cut(getattr(outputs, f.name), a, b) for f in dataclasses.fields(outputs)})
         slices.append(CallSlice(
             items[a:b] if prompt is not None else None, cut(sampling_params, a, b),

@@ -322,7 +322,8 @@ def _count_submits(engine, monkeypatch) -> list[int]:
 
 def test_a_large_call_goes_to_the_engine_in_slices_with_the_same_results(bundled_engine, monkeypatch):
     """A non-streaming call over more than _SUBMIT_SLICE prompts hands each slice's requests to
-    the engine as soon as they are made; per-prompt arguments are cut to each slice."""
+    the engine as soon as they are made (the first _SUBMIT_SLICE, then _LATER_SLICE at a time);
+    per-prompt arguments are cut to each slice."""
     from pipeline_infer import engine as engine_module
 
     prompts = PROMPTS[:7]
@@ -335,8 +336,9 @@ def test_a_large_call_goes_to_the_engine_in_slices_with_the_same_results(bundled
     whole = bundled_engine.generate(prompts, **kwargs)
     sizes = _count_submits(bundled_engine, monkeypatch)
     monkeypatch.setattr(engine_module, "_SUBMIT_SLICE", 3)
+    monkeypatch.setattr(engine_module, "_LATER_SLICE", 2)
     sliced = bundled_engine.generate(prompts, **kwargs)
-    assert sizes == [3, 3, 1]
+    assert sizes == [3, 2, 2]
     assert [o["output_ids"] for o in sliced] == [o["output_ids"] for o in whole]
     assert [len(o["output_ids"]) for o in sliced] == [3 + i for i in range(7)]
     assert [o["meta_info"]["id"] for o in sliced] == kwargs["rid"]
@@ -350,7 +352,7 @@ def test_a_large_call_goes_to_the_engine_in_slices_with_the_same_results(bundled
     ids = bundled_engine.tokenizer.encode(PROMPTS[:5])
     params = {"temperature": 0, "max_new_tokens": 4, "n": 2}
     outs = bundled_engine.generate(input_ids=ids, sampling_params=params)
-    assert sizes == [6, 4] and len(outs) == 10
+    assert sizes == [6, 4] and len(outs) == 10  # slices of 3 prompts, then 2
     alone = [bundled_engine.generate(input_ids=p, sampling_params={"temperature": 0, "max_new_tokens": 4}) for p in ids]
     assert [o["output_ids"] for o in outs] == [a["output_ids"] for a in alone for _ in range(2)]
 
@@ -361,6 +363,7 @@ def test_a_mistake_in_a_later_slice_aborts_what_was_submitted(monkeypatch):
     with Engine(disable_radix_cache=True) as llm:
         free_before = llm.get_server_info()["num_free_pages"]
         monkeypatch.setattr(engine_module, "_SUBMIT_SLICE", 2)
+        monkeypatch.setattr(engine_module, "_LATER_SLICE", 2)
         sizes = _count_submits(llm, monkeypatch)
         long_job = {"max_new_tokens": 300, "ignore_eos": True}
         with pytest.raises(ValueError, match=r"token id 1000000000 \(prompt 4\)"):  # the call's index, not the slice's
@@ -465,3 +468,17 @@ def test_shared_parameters_give_each_request_its_own_result(bundled_engine):
     outs = bundled_engine.generate(input_ids=prompts, sampling_params=params)
     assert [len(o["output_ids"]) for o in outs] == [3, 2, 3]
     assert outs[0]["output_ids"] == outs[2]["output_ids"]
+
+
+def test_split_call_cuts_a_first_slice_then_smaller_ones():
+    from pipeline_infer.engine_inputs import split_call
+    from pipeline_infer.extra_outputs import OutputArgs
+
+    ids = [[i + 1] for i in range(7)]
+    params = [{"max_new_tokens": i + 1} for i in range(7)]
+    slices = split_call(None, params, ids, None, OutputArgs(), 2, 3)
+    assert [s.first_index for s in slices] == [0, 3, 5]
+    assert [s.input_ids for s in slices] == [ids[:3], ids[3:5], ids[5:]]
+    assert [s.sampling_params for s in slices] == [params[:3], params[3:5], params[5:]]
+    assert split_call(None, params, ids, None, OutputArgs(), 2, 7) is None  # no more than the first slice
+    assert [len(s.input_ids) for s in split_call(None, params, ids, None, OutputArgs(), 3)] == [3, 3, 1]

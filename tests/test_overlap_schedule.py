@@ -181,3 +181,44 @@ def test_logprob_requests_run_in_lockstep_with_the_same_results(checkpoints):
             assert a["meta_info"]["output_token_logprobs"] == b["meta_info"]["output_token_logprobs"]
             assert a["meta_info"]["output_top_logprobs"] == b["meta_info"]["output_top_logprobs"]
     assert on_overlapped > 0
+
+
+def test_a_large_calls_later_slices_are_made_while_the_engine_waits_on_the_device(checkpoints, monkeypatch):
+    """With the overlap schedule, generate() makes a large call's later slices of requests while
+    the engine thread waits for a step's tokens (EngineCore.wait_for_device), not beside the
+    host work of a step (one GIL); the results are those of the call made whole."""
+    import time
+
+    from pipeline_infer import engine as engine_module
+
+    directory, _ = checkpoints["qwen2"]
+    prompts = _prompts(21, n=12)
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    with Engine(directory, page_size=4, disable_overlap_schedule=False) as llm:
+        whole = llm.generate(input_ids=prompts, sampling_params=params)
+        collect = llm._runner.collect
+
+        def slow_collect(step):  # a device that takes a while to compute a step, as a GPU does
+            time.sleep(0.02)
+            return collect(step)
+
+        llm._runner.collect = slow_collect
+        make = llm._make_requests
+        waiting: list[bool] = []
+
+        def spy(*args, **kwargs):
+            if kwargs.get("first_index"):
+                waiting.append(llm._core._device_wait.is_set())
+            return make(*args, **kwargs)
+
+        llm._make_requests = spy
+        monkeypatch.setattr(engine_module, "_SUBMIT_SLICE", 4)
+        monkeypatch.setattr(engine_module, "_LATER_SLICE", 2)
+        monkeypatch.setattr(engine_module, "_SLICE_WAIT_S", 30.0)  # past the gate only by the engine's wait
+        sliced = llm.generate(input_ids=prompts, sampling_params=params)
+        assert waiting == [True] * 4
+        # Idle, the engine is not waited for.
+        start = time.perf_counter()
+        llm._core.wait_for_device(30.0)
+        assert time.perf_counter() - start < 5.0
+    assert [o["output_ids"] for o in sliced] == [o["output_ids"] for o in whole]
