@@ -1054,7 +1054,7 @@ class Scheduler:
         if probe is not None and probe[0] == limit and cache.probe_holds(probe[3], probe[1]):
             return probe[2]
         stamp = cache.stamp()
-        n, where = cache.probe(req.token_ids, limit)
+        n, where = cache.probe(req.token_ids, limit, split=True)
         req.prefix_probe = (limit, where, n, stamp)
         return n
 

@@ -169,6 +169,33 @@ def test_probe_and_match_with_a_limit_are_those_of_the_slice():
     check_conservation(cache)
 
 
+def test_a_splitting_probe_cuts_the_edge_where_the_tokens_part_from_it():
+    """probe(split=True): where ids part from an edge inside it, the edge is cut there (as
+    match_prefix would cut it); the probes of other ids sharing that prefix then end at the
+    upper part, whole, without a search inside the long edge. Cut off by the limit, nothing is cut."""
+    ps = 4
+    _, cache = make(page_size=ps)
+    lead = list(range(100, 124))  # a group's first prompt, cached whole: one 6-page edge
+    pages = put(cache, lead)
+    member = lead[:16] + [7] * 8  # shares 4 pages, then parts
+    assert cache.probe(member)[0] == 16 and cache.num_nodes == 1  # no cut without split
+    stamp = cache.stamp()
+    n, where = cache.probe(member, split=True)
+    check_conservation(cache)
+    upper = cache.root.children[tuple(lead[:ps])]
+    assert n == 16 and cache.num_nodes == 2
+    assert upper.pages == tuple(pages[:4]) and where[:2] == (upper, 0) and len(upper.children) == 1
+    # A sibling's probe ends at the upper part, whole: nothing more to cut.
+    sibling_n, sibling_where = cache.probe(lead[:16] + [8] * 8, split=True)
+    assert sibling_n == 16 and sibling_where[:2] == (upper, 0) and cache.num_nodes == 2
+    assert cache.probe_holds(stamp, where) and cache.match_probed(n, where).pages == pages[:4]
+    assert cache.match_prefix(lead).pages == pages  # nothing lost
+    # A probe cut off by its limit inside an edge leaves the edge whole.
+    _, cache = make(page_size=ps)
+    put(cache, lead)
+    assert cache.probe(lead + [1] * 4, limit=12, split=True)[0] == 12 and cache.num_nodes == 1
+
+
 def test_a_reset_tree_is_freed_without_the_cyclic_gc():
     """reset() unlinks each dropped node from its parent: the old tree is no reference cycle,
     so reference counting frees it (with the cyclic GC off, its nodes are gone at once)."""
@@ -456,11 +483,18 @@ class RadixModel(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def memo_where(self, data):
-        """probe() agrees with match_len; remember it with where it ended, as the scheduler does."""
+        """probe() agrees with match_len; remember it with where it ended, as the scheduler does.
+        With split=True it may cut the edge where tokens part from it: one node more at most,
+        the same content and LRU clock."""
         tokens = self._tokens(data, 6)
         if len(tokens) >= self.ps:
-            n, where = self.cache.probe(tokens)
+            split = data.draw(st.booleans())
+            before = (tree_map(self.cache), self.cache.num_nodes, self.cache._clock)
+            n, where = self.cache.probe(tokens, split=split)
             assert n == self.cache.match_len(tokens)
+            after = (tree_map(self.cache), self.cache.num_nodes, self.cache._clock)
+            assert after[0] == before[0] and after[2] == before[2]
+            assert before[1] <= after[1] <= before[1] + split
             self.wheres.append((tokens, self.cache.stamp(), n, where))
             del self.wheres[:-8]
 
