@@ -50,6 +50,9 @@ class EngineCore:
 
     # --- called from any thread --------------------------------------------------------
     def submit(self, reqs: list[Request]) -> None:
+        if self._idle.is_set():
+            # It wakes for these: no longer out of the way of a front end (wait_for_device).
+            self._device_wait.clear()
         self._inbox.put(("add", reqs))
 
     def abort(self, rids: list[str]) -> None:
@@ -69,10 +72,9 @@ class EngineCore:
         GIL over and then waits for it up to the switch interval (0.5 ms), so requests made beside
         a step's host work delay that step's launch (H200, 1,024 shared-prefix prompts: the first
         step launched 56 ms after the call instead of 15 with the requests made before). Made
-        while this thread waits for the device they delay nothing.
+        while this thread waits for the device they delay nothing. Idle (blocked on an empty
+        inbox) counts as waiting; requests just submitted to an idle engine end that (`submit`).
         """
-        if self._idle.is_set() and self._inbox.empty():
-            return  # nothing to run and nothing coming: no step to get out of the way of
         self._device_wait.wait(timeout)
 
     def stop(self) -> None:
@@ -176,6 +178,11 @@ class EngineCore:
         while True:
             if block:
                 self._idle.set()
+                # Blocked on the inbox, this thread needs the GIL no more than while it waits on
+                # the device: a front end waiting for that (wait_for_device) may go on. Checking
+                # `_idle` alone there missed the moment between a call's last results and this
+                # point (on_idle runs in it): the front end then waited its whole timeout.
+                self._device_wait.set()
             try:
                 kind, payload = self._inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
@@ -183,6 +190,7 @@ class EngineCore:
             finally:
                 if block:
                     self._idle.clear()
+                    self._device_wait.clear()
             block = False
             if kind == "add":
                 for req in payload:

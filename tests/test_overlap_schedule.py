@@ -222,3 +222,29 @@ def test_a_large_calls_later_slices_are_made_while_the_engine_waits_on_the_devic
         llm._core.wait_for_device(30.0)
         assert time.perf_counter() - start < 5.0
     assert [o["output_ids"] for o in sliced] == [o["output_ids"] for o in whole]
+
+
+def test_a_front_end_waiting_as_the_engine_goes_idle_is_not_held_for_its_timeout(checkpoints):
+    """wait_for_device returns once the engine thread blocks on its empty inbox, also when it is
+    called in the moment between a call's last results and that block (on_idle runs in it):
+    checking for an idle engine only on entry, it waited its whole timeout there (CI, 30 s)."""
+    import threading
+    import time
+
+    directory, _ = checkpoints["qwen2"]
+    with Engine(directory, page_size=4, disable_overlap_schedule=False) as llm:
+        runner = llm._runner
+        on_idle = runner.on_idle
+        in_on_idle = threading.Event()
+
+        def slow_on_idle():  # widens the moment to a certain catch
+            in_on_idle.set()
+            time.sleep(0.3)
+            on_idle()
+
+        runner.on_idle = slow_on_idle
+        llm.generate(input_ids=_prompts(3, n=2), sampling_params={"max_new_tokens": 2})
+        assert in_on_idle.wait(10.0)
+        start = time.perf_counter()
+        llm._core.wait_for_device(30.0)
+        assert time.perf_counter() - start < 5.0
