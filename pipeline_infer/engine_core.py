@@ -42,6 +42,7 @@ class EngineCore:
         # nothing to run: when a front end making requests beside the steps should (wait_for_device).
         self._device_wait = threading.Event()
         self._idle = threading.Event()
+        self._wait_lock = threading.Lock()  # orders submit's put against the idle block's inbox check
         self._stopping = False
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -50,10 +51,11 @@ class EngineCore:
 
     # --- called from any thread --------------------------------------------------------
     def submit(self, reqs: list[Request]) -> None:
-        if self._idle.is_set():
-            # It wakes for these: no longer out of the way of a front end (wait_for_device).
-            self._device_wait.clear()
-        self._inbox.put(("add", reqs))
+        with self._wait_lock:  # against _drain's check of the inbox before it blocks
+            self._inbox.put(("add", reqs))
+            if self._idle.is_set():
+                # It wakes for these: no longer out of the way of a front end (wait_for_device).
+                self._device_wait.clear()
 
     def abort(self, rids: list[str]) -> None:
         self._inbox.put(("abort", rids))
@@ -177,12 +179,16 @@ class EngineCore:
         """Handle queued messages; False once asked to stop."""
         while True:
             if block:
-                self._idle.set()
                 # Blocked on the inbox, this thread needs the GIL no more than while it waits on
                 # the device: a front end waiting for that (wait_for_device) may go on. Checking
                 # `_idle` alone there missed the moment between a call's last results and this
-                # point (on_idle runs in it): the front end then waited its whole timeout.
-                self._device_wait.set()
+                # point (on_idle runs in it): the front end then waited its whole timeout. Not
+                # set with a message already in (it wakes at once), nor left set by one put in
+                # now (`submit`, under the same lock): a front end would take it for a device wait.
+                with self._wait_lock:
+                    self._idle.set()
+                    if self._inbox.empty():
+                        self._device_wait.set()
             try:
                 kind, payload = self._inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:

@@ -248,3 +248,35 @@ def test_a_front_end_waiting_as_the_engine_goes_idle_is_not_held_for_its_timeout
         start = time.perf_counter()
         llm._core.wait_for_device(30.0)
         assert time.perf_counter() - start < 5.0
+
+        # A message put in while the engine is on its way to block (here: in on_idle) wakes it at
+        # once: that block is not a wait for the front end to take (it would make its next slice
+        # beside the scheduling of the requests just submitted).
+        core = llm._core
+        sets: list[bool] = []  # whether the inbox was empty at each set()
+
+        class Recording(threading.Event):
+            def set(self):
+                sets.append(core._inbox.empty())
+                super().set()
+
+        release = threading.Event()
+
+        def held_on_idle():
+            in_on_idle.set()
+            release.wait(10.0)
+            on_idle()
+
+        core._device_wait = Recording()
+        in_on_idle.clear()
+        runner.on_idle = held_on_idle
+        core.submit([])  # wakes the idle engine; it finds nothing to run and goes idle again
+        assert in_on_idle.wait(10.0)
+        core.submit([])  # put in before it blocks
+        release.set()
+        core._device_wait.wait(10.0)
+        deadline = time.perf_counter() + 10.0
+        while len(sets) < 1 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        runner.on_idle = on_idle
+        assert sets and all(sets)
