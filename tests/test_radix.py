@@ -1152,6 +1152,64 @@ def test_reused_batch_order_regroups_after_admissions():
     assert cache.locked_pages == 0
 
 
+def test_admissions_moving_on_to_the_next_group_keep_the_order():
+    """batch: three groups with equally long cached prefixes, admitted a few requests a step. Once
+    a group's members are all in, the next step's admissions come from the next group: it is the
+    first of its rank tier still waiting, so its newer recency moves nothing and the order is kept
+    (`Scheduler._leads_its_tier`), where it was rebuilt at every such step before; every kept
+    order equals a fresh one."""
+    from test_scheduler import expected_output, run_all
+
+    ps = 4
+    alloc, cache, sched, runner = _scheduler_setup(
+        ps, 2000, max_running_requests=64, chunked_prefill_size=12, schedule_policy="batch"
+    )
+    rng = random.Random(4)
+    rand = lambda n: [rng.randrange(1, 1000) for _ in range(n)]  # noqa: E731
+    systems = [rand(64) for _ in range(3)]
+    for i, s in enumerate(systems):  # cache each system prompt (the runner checks the K/V it reads)
+        sched.add(_req(f"warm{i}", s + [7], 1))
+        run_all(sched, runner)
+    reqs = [_req(f"g{i % 3}-{i}", systems[i % 3] + rand(5), 2) for i in range(12)]
+    stats = _run_batch_checked(sched, runner, reqs)
+    # 5 uncached tokens each, 12 a step: two admissions a step, a new group every other step;
+    # one fresh order, the first.
+    assert stats["calls"] >= 5 and stats["calls"] - stats["reused"] == 1, stats
+    for r in reqs:
+        assert r.output_ids == expected_output(r.prompt_ids, 2), r.rid
+
+
+def test_a_single_submission_does_not_hold_its_batch_groups_rank():
+    """auto ranks single submissions apart (first, in arrival order), so a single sharing a batch
+    group's first tokens does not keep the group's best cached prefix when the group's best batch
+    member is admitted: G (72 cached, then 64) must fall behind H (68), and the order be rebuilt."""
+    from pipeline_infer.request import RequestStatus
+
+    ps = 4
+    alloc, cache, sched, runner = _scheduler_setup(
+        ps, 1000, max_running_requests=8, chunked_prefill_size=4096, schedule_policy="auto"
+    )
+    rng = random.Random(7)
+    rand = lambda n: [rng.randrange(1, 1000) for _ in range(n)]  # noqa: E731
+    g, x, h, y = rand(64), rand(8), rand(64), rand(4)
+    put(cache, g + x)
+    put(cache, h + y)
+    reqs = {"s": g + x + rand(3), "b1": g + x + rand(3), "b2": g + rand(5), "h1": h + y + rand(3)}
+    made = {}
+    for rid, prompt in reqs.items():
+        made[rid] = r = _req(rid, prompt, 2)
+        r.batch_job = rid != "s"
+        sched.add(r)
+    assert _waiting_rids(sched._ordered_waiting({})) == ["s", "b1", "b2", "h1"]
+    sched._probe(made["s"])  # as an admission pass does when it checks s (e.g. held): 72 memoized
+    key = sched._group_key(made["b1"])
+    sched._last_group = key  # b1's group had the last batch admission: only its best can move it
+    made["b1"].status = RequestStatus.RUNNING
+    sched._dequeue(made["b1"], admitted=True)
+    assert sched._order is None
+    assert [r.rid for r in sched._fresh_order({})] == ["s", "h1", "b2"]
+
+
 def test_the_trees_keys_and_pages_are_not_walked_by_the_cyclic_gc():
     """At page size 1 the tree holds a page id per cached token; as lists, every full GC
     collection walked all of them (0.1-0.2 s a collection, the engine thread stopped)."""
