@@ -845,12 +845,11 @@ class Scheduler:
             return True
         mine = req.prefix_probe[2] if req.prefix_probe is not None else 0
         ranked = self._order_ranked  # None: the order ranked every waiting request
-        singles_apart = self.schedule_policy == "auto"  # ranked apart from the group (first)
         for r in rest.values():
             if ranked is not None and id(r) not in ranked:
                 return False
-            if singles_apart and not r.batch_job:
-                continue
+            if not self._is_batch_job(r):
+                continue  # an "auto" single submission: ranked apart from the group (first)
             if (r.prefix_probe[2] if r.prefix_probe is not None else 0) >= mine:
                 return self._last_group == key or self._leads_its_tier(key)
         return False
